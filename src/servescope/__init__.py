@@ -1,0 +1,23 @@
+"""servescope: launch, supervise and talk to LLM inference servers.
+
+One ``async with open_server(config) as server`` holds a server's whole life — its
+process tree, log scanners, readiness probe and requests — under asyncio or trio.
+"""
+
+from ._errors import BadRequest as BadRequest
+from ._errors import ConfigError as ConfigError
+from ._errors import RequestError as RequestError
+from ._errors import RequestTimeout as RequestTimeout
+from ._errors import RetriesExhausted as RetriesExhausted
+from ._errors import ServeError as ServeError
+from ._errors import ServerCrashed as ServerCrashed
+from ._errors import ServerError as ServerError
+from ._errors import ServerStartError as ServerStartError
+from ._responses import Completion as Completion
+from ._responses import Usage as Usage
+from ._server import Server as Server
+from ._server import open_server as open_server
+from .backends.custom import CustomConfig as CustomConfig
+from .backends.dummy import DummyConfig as DummyConfig
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""Configuration shared by every backend.
+
+Configs are frozen pydantic models: a typo in a key, a negative timeout or an
+invalid regular expression is rejected when the config is built, with a
+``ConfigError`` that names the key — not when the server is half started.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ._errors import ConfigError
+
+__all__ = ["ServerConfig", "config_error"]
+
+
+class ServerConfig(BaseModel):
+    """Settings every backend understands.
+
+    Attributes:
+        model: the model name sent in requests (and, for launched engines, loaded).
+        startup_timeout: seconds to wait for readiness, over all start attempts.
+        start_attempts: how many times to start the server (each on a fresh port)
+            when a start fails in a way a new port can fix (``Address already in use``).
+        shutdown_grace: seconds between SIGTERM and SIGKILL on teardown.
+        log_dir: where to write ``server_rank_{rank:05d}_node_{node}.log``; none if unset.
+        log_tail_lines: how many recent log lines an error message carries.
+        ready_patterns / fatal_patterns: regular expressions added to the backend's own.
+        env: extra environment variables for the server process.
+        use_chat: ``server.request`` posts to ``/v1/chat/completions`` (else ``/v1/completions``).
+        default_params: request parameters used unless a call sets them.
+        request_timeout / connect_timeout: per-request limits, in seconds.
+        max_concurrency: requests in flight at once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    startup_timeout: float = Field(default=900.0, gt=0)
+    start_attempts: int = Field(default=2, ge=1)
+    shutdown_grace: float = Field(default=10.0, ge=0)
+    log_dir: Path | None = None
+    log_tail_lines: int = Field(default=50, ge=1)
+    ready_patterns: tuple[str, ...] = ()
+    fatal_patterns: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    use_chat: bool = True
+    default_params: dict[str, Any] = Field(default_factory=dict)
+    request_timeout: float = Field(default=600.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    max_concurrency: int = Field(default=500, ge=1)
+
+    @field_validator("ready_patterns", "fatal_patterns")
+    @classmethod
+    def _valid_regex(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any]) -> ServerConfig:
+        """Validate a mapping into this config, raising ``ConfigError`` on bad input."""
+        try:
+            return cls.model_validate(dict(values))
+        except pydantic.ValidationError as exc:
+            raise config_error(exc, cls.__name__) from None
+
+
+def config_error(exc: pydantic.ValidationError, what: str) -> ConfigError:
+    """One readable ``ConfigError`` from pydantic's error list."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {error['msg']}")
+    return ConfigError(f"invalid {what}: " + "; ".join(problems))

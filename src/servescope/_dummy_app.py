@@ -1,0 +1,258 @@
+"""The dummy backend's ASGI app: an OpenAI-shaped server that answers without a model.
+
+Shared by the in-process dummy (served by hypercorn inside the server's task group)
+and the subprocess fake engine (``python -m servescope.dummy``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+__all__ = ["DEFAULT_TEXT", "DummyApp", "DummySettings"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_TEXT = (
+    "This is dummy text content for debugging purposes. "
+    "Page contains sample text to simulate model output."
+)
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DummySettings:
+    """What the dummy answers, and how slowly."""
+
+    model: str = "dummy"
+    text: str = DEFAULT_TEXT
+    completion_tokens: int = 100
+    latency: float = 0.0
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class DummyApp:
+    """ASGI app for ``/v1/models``, ``/health``, ``/v1/chat/completions``, ``/v1/completions``.
+
+    ``on_request(method, path, status)`` is called before each response is sent
+    (the subprocess fake engine uses it to report when it first answered 200).
+    """
+
+    def __init__(
+        self,
+        settings: DummySettings,
+        on_request: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_request = on_request
+        self.in_flight = 0
+        self._ids = itertools.count()
+        self._created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            self.in_flight += 1
+            try:
+                await self._http(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        try:
+            body = await _read_body(receive)
+            status, payload = await self._route(method, path, body)
+        except _HTTPError as exc:
+            status, payload = exc.status, _error_body(str(exc), exc.kind)
+        if self.on_request is not None:
+            self.on_request(method, path, status)
+        if isinstance(payload, list):
+            await _send_events(send, payload)
+        else:
+            await _send_json(send, status, payload)
+
+    async def _route(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[int, dict[str, Any] | list[dict[str, Any]]]:
+        routes = {
+            ("GET", "/health"): self._health,
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completion,
+        }
+        handler = routes.get((method, path))
+        if handler is None:
+            if any(route_path == path for _, route_path in routes):
+                raise _HTTPError(405, f"method {method} not allowed on {path}")
+            raise _HTTPError(404, f"no route {path}", "not_found_error")
+        return 200, await handler(body)
+
+    async def _health(self, body: bytes) -> dict[str, Any]:
+        return {}
+
+    async def _models(self, body: bytes) -> dict[str, Any]:
+        model = {
+            "id": self.settings.model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "servescope",
+        }
+        return {"object": "list", "data": [model]}
+
+    async def _chat(self, body: bytes) -> dict[str, Any] | list[dict[str, Any]]:
+        request = _json_object(body)
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _HTTPError(400, "'messages' must be a non-empty list")
+        prompt_chars = sum(_content_chars(message) for message in messages)
+        return await self._answer(request, prompt_chars, chat=True)
+
+    async def _completion(self, body: bytes) -> dict[str, Any] | list[dict[str, Any]]:
+        request = _json_object(body)
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str):
+            raise _HTTPError(400, "'prompt' must be a string")
+        return await self._answer(request, len(prompt), chat=False)
+
+    async def _answer(
+        self, request: dict[str, Any], prompt_chars: int, *, chat: bool
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        max_tokens = request.get("max_tokens", request.get("max_completion_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise _HTTPError(400, "'max_tokens' must be a positive integer")
+        tokens = self.settings.completion_tokens
+        finish = "stop"
+        if max_tokens is not None and max_tokens < tokens:
+            tokens, finish = max_tokens, "length"
+        usage = {
+            "prompt_tokens": max(1, prompt_chars // 4),
+            "completion_tokens": tokens,
+            "total_tokens": max(1, prompt_chars // 4) + tokens,
+        }
+        if self.settings.latency > 0:
+            await anyio.sleep(self.settings.latency)
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": request.get("model") or self.settings.model,
+        }
+        if request.get("stream"):
+            return _stream_chunks(head, self.settings.text, finish, usage, chat, request)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": self.settings.text}
+        else:
+            choice["text"] = self.settings.text
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": [choice], "usage": usage}
+
+
+def _stream_chunks(
+    head: dict[str, Any],
+    text: str,
+    finish: str,
+    usage: dict[str, int],
+    chat: bool,
+    request: dict[str, Any],
+) -> list[dict[str, Any]]:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    pieces = [word + " " for word in text.split(" ")]
+    pieces[-1] = pieces[-1][:-1]
+
+    def chunk(content: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if content is not None:
+                delta["content"] = content
+            choice["delta"] = delta
+        else:
+            choice["text"] = content or ""
+        return {**head, "object": kind, "choices": [choice]}
+
+    chunks = [chunk("", None, role=True)] if chat else []
+    chunks += [chunk(piece, None) for piece in pieces]
+    chunks.append(chunk(None if chat else "", finish))
+    if (request.get("stream_options") or {}).get("include_usage"):
+        chunks.append({**head, "object": kind, "choices": [], "usage": usage})
+    return chunks
+
+
+def _content_chars(message: Any) -> int:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    return 0
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _HTTPError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise _HTTPError(400, "body must be a JSON object")
+    return request
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return bytes(body)
+        body += message.get("body", b"")
+        if len(body) > MAX_BODY_BYTES:
+            raise _HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_events(send: Send, chunks: list[dict[str, Any]]) -> None:
+    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for chunk in chunks:
+        data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

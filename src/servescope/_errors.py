@@ -1,0 +1,107 @@
+"""The exceptions servescope raises, all under one root.
+
+Everything a caller has to handle comes out of ``open_server`` and the request
+methods as one of these — never a bare ``ExceptionGroup``, an anyio, httpx or
+OS exception, or a pydantic ``ValidationError``::
+
+    ServeError
+     ├─ ConfigError            a configuration value is missing, unknown or invalid
+     ├─ ServerError            the server itself failed (carries reason and log tail)
+     │   ├─ ServerStartError   ... before it became ready (bad model, OOM at load, exit, timeout)
+     │   └─ ServerCrashed      ... after it became ready (fatal log line, exit, failed health check)
+     └─ RequestError           one request failed (malformed response, transport failure)
+         ├─ BadRequest         the server refused the request itself (4xx); never retried
+         ├─ RetriesExhausted   a retryable failure persisted through every retry
+         └─ RequestTimeout     no answer within the request timeout
+
+A ``ServerError`` is fatal for the whole server scope: it cancels the body of
+``async with open_server(...)`` and is raised from it. A ``RequestError`` is
+raised from the one request that failed and leaves the server running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "RequestError",
+    "RequestTimeout",
+    "RetriesExhausted",
+    "ServeError",
+    "ServerCrashed",
+    "ServerError",
+    "ServerStartError",
+]
+
+
+class ServeError(Exception):
+    """Root of every exception servescope raises on purpose."""
+
+
+class ConfigError(ServeError, ValueError):
+    """A configuration is invalid; the message names the key and what is allowed."""
+
+
+class ServerError(ServeError):
+    """The server failed; the whole ``open_server`` scope is torn down.
+
+    Attributes:
+        reason: one line saying why (the matched fatal line, the exit code, the timeout).
+        exit_code: the server's exit status if it exited (negative: killed by that signal).
+        matched_line: the log line that matched a fatal pattern, if that was the cause.
+        log_tail: the last lines the server printed, oldest first.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        exit_code: int | None = None,
+        matched_line: str | None = None,
+        log_tail: Sequence[str] = (),
+    ) -> None:
+        self.reason = reason
+        self.exit_code = exit_code
+        self.matched_line = matched_line
+        self.log_tail = tuple(log_tail)
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        if not self.log_tail:
+            return self.reason
+        tail = "\n".join(f"    {line}" for line in self.log_tail)
+        return f"{self.reason}\n  last {len(self.log_tail)} lines of the server log:\n{tail}"
+
+
+class ServerStartError(ServerError):
+    """The server never became ready."""
+
+
+class ServerCrashed(ServerError):
+    """The server failed after it had become ready."""
+
+
+class RequestError(ServeError):
+    """One request failed; the server scope goes on."""
+
+
+class BadRequest(RequestError):
+    """The server rejected the request itself (400, 401, 403, 404, 413, 422).
+
+    Sending it again cannot help, so it is never retried.
+    """
+
+    def __init__(self, message: str, *, status_code: int, body: str = "") -> None:
+        self.status_code = status_code
+        self.body = body
+        super().__init__(message)
+
+
+class RetriesExhausted(RequestError):
+    """Every attempt failed with a retryable error; ``__cause__`` is the last one."""
+
+
+class RequestTimeout(RequestError):
+    """The server did not answer within the request timeout."""

@@ -1,0 +1,134 @@
+"""OpenAI responses in, typed results or classified errors out — pure code, no I/O.
+
+Status classification (``classify_status``):
+
+========================================  =====================================
+status                                     outcome
+========================================  =====================================
+2xx                                        parsed; a malformed body → RequestError
+400, 401, 403, 404, 405, 413, 422          BadRequest, never retried
+408, 429, 500, 502, 503, 504               retryable
+any other                                  RequestError, not retried
+========================================  =====================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import BadRequest, RequestError
+
+__all__ = [
+    "BAD_REQUEST_STATUSES",
+    "RETRYABLE_STATUSES",
+    "Completion",
+    "Usage",
+    "classify_status",
+    "excerpt",
+    "parse_completion",
+    "parse_json",
+]
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+BAD_REQUEST_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 422})
+EXCERPT_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts the server reported (zero where it reported none)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer.
+
+    Attributes:
+        text: the generated text (``message.content`` for chat, ``text`` otherwise).
+        finish_reason: why generation stopped (``"stop"``, ``"length"``, ...), if given.
+        usage: token counts.
+        reasoning: the reasoning text (``reasoning`` or ``reasoning_content``), if any.
+        raw: the whole response as the server sent it.
+    """
+
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    reasoning: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def excerpt(body: bytes | str, limit: int = EXCERPT_CHARS) -> str:
+    """The start of a response body, safe to put in an error message."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+def classify_status(status: int, body: bytes) -> RequestError | None:
+    """The error for a non-2xx status, or ``None`` if the request may be retried.
+
+    A 2xx status returns ``None`` too; the caller parses the body.
+    """
+    if 200 <= status < 300 or status in RETRYABLE_STATUSES:
+        return None
+    message = f"server answered {status}: {excerpt(body)}"
+    if status in BAD_REQUEST_STATUSES:
+        return BadRequest(message, status_code=status, body=excerpt(body))
+    return RequestError(message)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON object from a response body, or ``RequestError`` with an excerpt."""
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"response is not valid JSON ({exc}): {excerpt(body)!r}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"response is not a JSON object: {excerpt(body)!r}")
+    return value
+
+
+def parse_completion(response: dict[str, Any]) -> Completion:
+    """A ``Completion`` from a chat or text completion response.
+
+    Raises ``RequestError`` naming what is missing or mistyped — never ``KeyError``.
+    """
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RequestError(f"response has no choices: {excerpt(json.dumps(response))}")
+    choice = choices[0]
+    message = choice.get("message")
+    reasoning: Any = None
+    if isinstance(message, dict):
+        text = message.get("content")
+        reasoning = message.get("reasoning_content", message.get("reasoning"))
+    else:
+        text = choice.get("text")
+    if text is None:
+        text = ""
+    if not isinstance(text, str) or not isinstance(reasoning, str | None):
+        raise RequestError(f"response text is not a string: {excerpt(json.dumps(choice))}")
+    finish = choice.get("finish_reason")
+    return Completion(
+        text=text,
+        finish_reason=finish if isinstance(finish, str) else None,
+        usage=_usage(response.get("usage")),
+        reasoning=reasoning,
+        raw=response,
+    )
+
+
+def _usage(value: Any) -> Usage:
+    if not isinstance(value, dict):
+        return Usage()
+    counts = {}
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        count = value.get(key, 0)
+        counts[key] = count if isinstance(count, int) and not isinstance(count, bool) else 0
+    return Usage(**counts)

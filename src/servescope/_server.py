@@ -1,0 +1,369 @@
+"""``open_server``: one server's whole life inside one anyio task group.
+
+::
+
+    open_server(config)                  the body of ``async with`` runs in the host task
+     └─ supervisor                       start attempts, each on a fresh port
+         ├─ stdout scanner ┐             lines → log file, logger, ring; pattern table:
+         ├─ stderr scanner ┘             ready → probe now, fatal → fail, retry → next attempt
+         ├─ readiness poller             HTTP probe on a ready line or a short backoff
+         └─ exit watcher                 the reaper reports the server's exit at once
+
+A failure anywhere (``_Supervisor.fail``) records one ``ServerError`` and cancels the
+whole task group, the body included; teardown runs shielded on every way out; the
+caller gets that one exception, never an ``ExceptionGroup``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from anyio.abc import ByteReceiveStream, TaskGroup, TaskStatus
+
+from ._asgi import listen_socket, serve_asgi
+from ._config import ServerConfig
+from ._dummy_app import DummyApp
+from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
+from ._logscan import LineKind, LineSplitter, PatternTable
+from ._pool import RequestPool
+from ._ports import pick_port
+from ._process import ServerProcess, spawn_server
+from ._responses import Completion
+from ._serverlog import ServerLog
+from .backends._base import ProcessConfig, ProcessSpec
+from .backends.dummy import DummyConfig
+
+__all__ = ["Server", "open_server"]
+
+PROBE_FIRST_DELAY = 0.02
+PROBE_MAX_DELAY = 2.0
+PROBE_TIMEOUT = 5.0
+#: After the server exits, how long its last output may take to arrive.
+EXIT_DRAIN = 0.25
+
+
+class Server:
+    """A server started by ``open_server``: its address, readiness and requests.
+
+    Valid inside the ``async with`` block that produced it.
+    """
+
+    def __init__(self, config: ServerConfig, *, rank: int, node: int, log: ServerLog) -> None:
+        self.config = config
+        self.rank = rank
+        self.node = node
+        self.pid: int | None = None
+        self._log = log
+        self._base_url: str | None = None
+        self._ready = anyio.Event()
+        self._failure: ServerError | None = None
+        self._closed = False
+        self._pool: RequestPool | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the server (it may change if a start is retried)."""
+        if self._base_url is None:
+            raise ServeError("the server has no address yet")
+        return self._base_url
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server has answered its readiness probe."""
+        return self._ready.is_set()
+
+    async def wait_ready(self) -> None:
+        """Wait until the server is ready. If it fails first, the scope is cancelled."""
+        self._check_open()
+        await self._ready.wait()
+        self._check_open()
+
+    def log_tail(self) -> list[str]:
+        """The last lines the server printed."""
+        return self._log.tail()
+
+    async def request(self, payload: Mapping[str, Any], *, path: str | None = None) -> dict[str, Any]:
+        """POST an OpenAI payload (model and ``default_params`` filled in); the JSON reply.
+
+        The endpoint is ``/v1/chat/completions`` if the config's ``use_chat`` is set,
+        else ``/v1/completions``, unless ``path`` is given.
+        """
+        return await self._requests().request(payload, path=path)
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
+        """A chat completion (``max_tokens=...``, ``temperature=...`` as keyword arguments)."""
+        return await self._requests().chat(messages, **params)
+
+    async def complete(self, prompt: str, **params: Any) -> Completion:
+        """A text completion of ``prompt``."""
+        return await self._requests().complete(prompt, **params)
+
+    def _requests(self) -> RequestPool:
+        self._check_open()
+        assert self._pool is not None
+        return self._pool
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise ServeError("the server scope is closed")
+
+    def __repr__(self) -> str:
+        state = "ready" if self.ready else "starting"
+        return f"<Server {type(self.config).__name__} rank={self.rank} {self._base_url} {state}>"
+
+
+@asynccontextmanager
+async def open_server(
+    config: ServerConfig, *, rank: int = 0, node: int = 0
+) -> AsyncIterator[Server]:
+    """Start the server ``config`` describes; yield it once its process exists.
+
+    ``await server.wait_ready()`` waits for readiness (requests wait by themselves).
+    If the server fails — it exits, prints a fatal line, or is not ready within
+    ``startup_timeout`` — the body is cancelled and ``ServerStartError`` (before
+    readiness) or ``ServerCrashed`` (after) is raised. On every way out the server's
+    whole process tree is terminated (SIGTERM, ``shutdown_grace``, SIGKILL).
+    """
+    log = ServerLog(rank=rank, node=node, log_dir=config.log_dir, tail_lines=config.log_tail_lines)
+    server = Server(config, rank=rank, node=node, log=log)
+    limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=None)
+    timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
+    try:
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client,
+            anyio.create_task_group() as tg,
+        ):
+            server._pool = RequestPool(
+                client,
+                base_url=lambda: server.base_url,
+                wait_ready=server.wait_ready,
+                model=config.model,
+                default_params=config.default_params,
+                use_chat=config.use_chat,
+            )
+            supervisor = _Supervisor(server, tg, client)
+            await tg.start(supervisor.run)
+            try:
+                yield server
+            finally:
+                supervisor.closing = True
+                tg.cancel_scope.cancel()
+    except BaseException as exc:
+        raise _one_exception(exc, server._failure) from _cause(exc, server._failure)
+    finally:
+        server._closed = True
+        log.close()
+    if server._failure is not None:
+        # Our own cancellation is still the "exception being handled" here: hide it.
+        raise server._failure from server._failure.__cause__
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _one_exception(exc: BaseException, failure: ServerError | None) -> BaseException:
+    """The one exception the caller should see for what left the task group."""
+    cancelled = anyio.get_cancelled_exc_class()
+    leaves = [leaf for leaf in _leaves(exc) if not isinstance(leaf, cancelled)]
+    for leaf in leaves:
+        if not isinstance(leaf, Exception):
+            return leaf  # KeyboardInterrupt, SystemExit: never replaced
+    if failure is not None:
+        return failure
+    if len(leaves) == 1:
+        return leaves[0]
+    return exc
+
+
+def _cause(exc: BaseException, failure: ServerError | None) -> BaseException | None:
+    chosen = _one_exception(exc, failure)
+    return chosen.__cause__ if chosen is not exc else exc.__cause__
+
+
+class _Attempt:
+    """State of one start attempt: its task group, the probe wake-up, the streams' ends."""
+
+    def __init__(self, tg: TaskGroup, patterns: PatternTable) -> None:
+        self.tg = tg
+        self.patterns = patterns
+        self.retry_line: str | None = None
+        self.wake = anyio.Event()
+        self.eof = {"stdout": anyio.Event(), "stderr": anyio.Event()}
+
+    def retry(self, line: str) -> None:
+        self.retry_line = line
+        self.tg.cancel_scope.cancel()
+
+
+class _Supervisor:
+    """Runs one server's start attempts and turns what it sees into one outcome."""
+
+    def __init__(self, server: Server, tg: TaskGroup, client: httpx.AsyncClient) -> None:
+        self.server = server
+        self.config = server.config
+        self.log = server._log
+        self.tg = tg
+        self.client = client
+        self.closing = False
+        self.started_at = anyio.current_time()
+        self.deadline = self.started_at + self.config.startup_timeout
+
+    def fail(self, error: ServerError) -> None:
+        """Record the scope's failure (the first one wins) and cancel everything."""
+        if self.server._failure is None and not self.closing:
+            self.server._failure = error
+            self.log.note(f"failed: {error.reason}")
+            self.tg.cancel_scope.cancel()
+
+    def error(self, reason: str, **details: Any) -> ServerError:
+        kind = ServerCrashed if self.server.ready else ServerStartError
+        return kind(reason, log_tail=self.log.tail(), **details)
+
+    def set_ready(self) -> None:
+        elapsed = anyio.current_time() - self.started_at
+        self.log.ready = True
+        self.server._ready.set()
+        self.log.note(f"ready at {self.server.base_url} after {elapsed:.2f} s")
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        if isinstance(self.config, DummyConfig):
+            await self._run_dummy(self.config, task_status)
+        elif isinstance(self.config, ProcessConfig):
+            await self._run_process(self.config, task_status)
+        else:
+            raise TypeError(f"open_server cannot run a {type(self.config).__name__}")
+
+    # -- the in-process dummy -------------------------------------------------------------
+
+    async def _run_dummy(self, config: DummyConfig, task_status: TaskStatus[None]) -> None:
+        sock = listen_socket(backlog=max(1024, 2 * config.max_concurrency))
+        self.server._base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        app = DummyApp(config.settings())
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: serve_asgi(
+                app, sock, backlog=max(1024, 2 * config.max_concurrency),
+                shutdown_grace=config.shutdown_grace, task_status=task_status,
+            ))
+            task_status.started()
+            attempt = _Attempt(tg, PatternTable())
+            attempt.wake.set()
+            tg.start_soon(self._poll_ready, "/v1/models", attempt)
+
+    # -- launched processes ---------------------------------------------------------------
+
+    async def _run_process(self, config: ProcessConfig, task_status: TaskStatus[None]) -> None:
+        tried: set[int] = set()
+        for number in range(1, config.start_attempts + 1):
+            port = pick_port(self.server.rank, avoid=tried)
+            tried.add(port)
+            spec = config.process_spec(port)
+            self.log.note(f"start {number}/{config.start_attempts}: {shlex.join(spec.argv)}")
+            try:
+                process = await spawn_server(spec.argv, env=spec.env, grace=config.shutdown_grace)
+            except ServerStartError as exc:
+                if number == 1:
+                    raise
+                self.fail(self.error(exc.reason))
+                return
+            self.server._base_url = f"http://127.0.0.1:{port}"
+            self.server.pid = process.pid
+            if number == 1:
+                task_status.started()
+            try:
+                retry_line = await self._watch(process, spec)
+            finally:
+                await process.terminate()
+                self.log.note(f"server tree of pid {process.pid} terminated")
+            if retry_line is None:
+                return
+            if number == config.start_attempts:
+                reason = f"could not start after {number} attempts; last: {retry_line}"
+                self.fail(self.error(reason, matched_line=retry_line))
+                return
+            self.log.note(f"start failed on port {port} ({retry_line}); trying another port")
+
+    async def _watch(self, process: ServerProcess, spec: ProcessSpec) -> str | None:
+        """Run one attempt until the scope ends; the retryable line if it should be retried."""
+        async with anyio.create_task_group() as tg:
+            attempt = _Attempt(tg, spec.patterns)
+            tg.start_soon(self._scan, process.stdout, "stdout", attempt)
+            tg.start_soon(self._scan, process.stderr, "stderr", attempt)
+            tg.start_soon(self._poll_ready, spec.health_path, attempt)
+            tg.start_soon(self._watch_exit, process, attempt)
+        return attempt.retry_line
+
+    async def _scan(self, stream: ByteReceiveStream, name: str, attempt: _Attempt) -> None:
+        splitter = LineSplitter()
+        try:
+            async for chunk in stream:
+                for line in splitter.feed(chunk):
+                    self._on_line(name, line, attempt)
+                self.log.flush()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        for line in splitter.finish():
+            self._on_line(name, line, attempt)
+        attempt.eof[name].set()
+
+    def _on_line(self, stream: str, line: str, attempt: _Attempt) -> None:
+        self.log.add(stream, line)
+        event = attempt.patterns.classify(line)
+        if event is None:
+            return
+        if event.kind is LineKind.READY:
+            attempt.wake.set()
+        elif event.kind is LineKind.RETRY and not self.server.ready:
+            attempt.retry(line)
+        else:
+            reason = f"fatal line in server log (pattern {event.pattern!r}): {line}"
+            self.fail(self.error(reason, matched_line=line))
+
+    async def _watch_exit(self, process: ServerProcess, attempt: _Attempt) -> None:
+        code = await process.wait_exit()
+        with anyio.move_on_after(EXIT_DRAIN):  # let the last lines in: they say why
+            for eof in attempt.eof.values():
+                await eof.wait()
+        when = "after it was ready" if self.server.ready else "before it was ready"
+        self.fail(self.error(f"server exited {_describe_exit(code)} {when}", exit_code=code))
+
+    async def _poll_ready(self, path: str, attempt: _Attempt) -> None:
+        """Probe ``path`` until it answers 200: at once on a ready line, else with backoff."""
+        delay = PROBE_FIRST_DELAY
+        while not await self._probe(path):
+            remaining = self.deadline - anyio.current_time()
+            if remaining <= 0:
+                timeout = self.config.startup_timeout
+                self.fail(self.error(f"server not ready within startup_timeout={timeout:g} s"))
+                return
+            with anyio.move_on_after(min(delay, remaining)):
+                await attempt.wake.wait()
+            attempt.wake = anyio.Event()
+            delay = min(delay * 1.5, PROBE_MAX_DELAY)
+        self.set_ready()
+
+    async def _probe(self, path: str) -> bool:
+        try:
+            response = await self.client.get(self.server.base_url + path, timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+def _describe_exit(code: int) -> str:
+    if code >= 0:
+        return f"with code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"

@@ -1,0 +1,1 @@
+"""One small module per backend: its config, command line and log patterns."""

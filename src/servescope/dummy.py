@@ -1,0 +1,209 @@
+"""``python -m servescope.dummy``: the dummy server as a process, scriptable as a fake engine.
+
+Without options it serves the dummy OpenAI API on ``--port`` and prints uvicorn's
+``Application startup complete.`` when it accepts connections. Options script the
+behaviours a supervisor must survive, each timed in seconds from start::
+
+    --ready-after 2            bind at once, accept connections only after 2 s
+    --never-ready              bind, never accept (a server that hangs while loading)
+    --print '1.5:stderr:text'  print a line (backslash escapes allowed: '\\xff' is a byte)
+    --flood '0:stdout:10000000'  print that many bytes without a newline, then one
+    --exit-after 3 --exit-code 1
+    --ignore-sigterm           SIGTERM does nothing (only SIGKILL stops it)
+    --child ignore-sigterm     spawn a child: plain | ignore-sigterm | new-group | orphan
+    --pid-file F               write {"server": pid, "children": [pids]} as JSON
+    --lifetime 600             exit by itself after this long, whatever happens
+
+Nothing here is imported by the library; tests and benchmarks run it as a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from servescope._asgi import listen_socket, serve_asgi
+from servescope._dummy_app import DEFAULT_TEXT, DummyApp, DummySettings
+
+__all__ = ["main"]
+
+READY_LINE = "INFO:     Application startup complete."
+_SLEEPER = (
+    "import signal, sys, time\n"
+    "if sys.argv[1] == 'ignore': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+_ORPHANER = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen([sys.executable, '-c', sys.argv[1], 'ignore', sys.argv[2]],"
+    " start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print(p.pid, flush=True)\n"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m servescope.dummy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--port", type=int, required=True)
+    add("--host", default="127.0.0.1")
+    add("--model", default="dummy")
+    add("--text", default=DEFAULT_TEXT)
+    add("--completion-tokens", type=int, default=100)
+    add("--latency", type=float, default=0.0)
+    add("--ready-after", type=float, default=0.0)
+    add("--never-ready", action="store_true")
+    add("--ready-line", default=READY_LINE)
+    add("--print", dest="prints", action="append", default=[], metavar="T:STREAM:TEXT")
+    add("--flood", action="append", default=[], metavar="T:STREAM:NBYTES")
+    add("--exit-after", type=float)
+    add("--exit-code", type=int, default=1)
+    add("--ignore-sigterm", action="store_true")
+    add("--child", action="append", default=[],
+        choices=["plain", "ignore-sigterm", "new-group", "orphan"])
+    add("--pid-file", type=Path)
+    add("--lifetime", type=float, default=600.0)
+    return parser
+
+
+def _stream(name: str) -> BinaryIO:
+    if name not in ("stdout", "stderr"):
+        raise SystemExit(f"stream must be stdout or stderr, not {name!r}")
+    return sys.stdout.buffer if name == "stdout" else sys.stderr.buffer
+
+
+def _write(stream: BinaryIO, data: bytes) -> None:
+    stream.write(data)
+    stream.flush()
+
+
+async def _at(when: float, start: float) -> None:
+    await anyio.sleep(max(0.0, start + when - time.monotonic()))
+
+
+async def _print_later(spec: str, start: float) -> None:
+    when, name, text = spec.split(":", 2)
+    data = codecs.escape_decode(text.encode("utf-8"))[0]
+    await _at(float(when), start)
+    _write(_stream(name), data + b"\n")
+
+
+async def _flood_later(spec: str, start: float) -> None:
+    when, name, size = spec.split(":", 2)
+    await _at(float(when), start)
+    stream, left = _stream(name), int(size)
+    while left > 0:
+        chunk = min(left, 1 << 20)
+        stream.write(b"x" * chunk)
+        left -= chunk
+    _write(stream, b"\n")
+
+
+async def _exit_later(when: float, code: int, start: float) -> None:
+    await _at(when, start)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _spawn_children(kinds: Sequence[str], lifetime: float) -> list[int]:
+    pids = []
+    for kind in kinds:
+        mode = "ignore" if kind == "ignore-sigterm" else "plain"
+        if kind == "orphan":
+            middle = subprocess.run(
+                [sys.executable, "-c", _ORPHANER, _SLEEPER, str(lifetime)],
+                capture_output=True, check=True, text=True,
+            )
+            pids.append(int(middle.stdout.strip()))
+            continue
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SLEEPER, mode, str(lifetime)],
+            start_new_session=(kind == "new-group"),
+        )
+        pids.append(child.pid)
+    return pids
+
+
+def _write_pid_file(path: Path, children: list[int]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"server": os.getpid(), "children": children}))
+    tmp.replace(path)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print(f"OSError: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    return sock
+
+
+async def _serve(args: argparse.Namespace, start: float) -> None:
+    sock = _bind(args.host, args.port)  # bound now, refusing connections until ready
+    if args.never_ready:
+        await anyio.sleep_forever()
+    await _at(args.ready_after, start)
+    sock.close()
+    served = listen_socket(args.host, args.port, backlog=4096)
+    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency)
+    first_ok = False
+
+    def on_request(method: str, path: str, status: int) -> None:
+        nonlocal first_ok
+        if path == "/v1/models" and status == 200 and not first_ok:
+            first_ok = True
+            _write(sys.stdout.buffer, f"servescope-dummy: first 200 at {time.time():.6f}\n".encode())
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: serve_asgi(
+            DummyApp(settings, on_request), served, backlog=4096, task_status=task_status
+        ))
+        if args.ready_line:
+            _write(sys.stderr.buffer, args.ready_line.encode() + b"\n")
+
+
+async def _main(args: argparse.Namespace) -> None:
+    start = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for spec in args.prints:
+            tg.start_soon(_print_later, spec, start)
+        for spec in args.flood:
+            tg.start_soon(_flood_later, spec, start)
+        if args.exit_after is not None:
+            tg.start_soon(_exit_later, args.exit_after, args.exit_code, start)
+        tg.start_soon(_exit_later, args.lifetime, 0, start)
+        await _serve(args, start)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the dummy server process."""
+    args = _parser().parse_args(argv)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    children = _spawn_children(args.child, args.lifetime)
+    if args.pid_file is not None:
+        _write_pid_file(args.pid_file, children)
+    anyio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()
