@@ -40,7 +40,7 @@ def listen_socket(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024
     return sock
 
 
-class _SocketConfig(Config):  # type: ignore[misc]
+class _SocketConfig(Config):
     def __init__(self, sock: socket.socket, tls: ssl.SSLContext | None, backlog: int) -> None:
         super().__init__()
         self._sock = sock
@@ -80,15 +80,15 @@ async def serve_asgi(
     config = _SocketConfig(sock, tls, backlog)
     config.graceful_timeout = shutdown_grace
     if _running_trio():
-        from hypercorn.trio import serve
+        from hypercorn.trio import serve as serve_on_loop
     else:
-        from hypercorn.asyncio import serve
+        from hypercorn.asyncio import serve as serve_on_loop  # type: ignore[assignment]
     stop = anyio.Event()
     serving = anyio.CancelScope(shield=True)
 
     async def run() -> None:
         with serving:
-            await serve(app, config, shutdown_trigger=stop.wait)
+            await serve_on_loop(app, config, shutdown_trigger=stop.wait)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)

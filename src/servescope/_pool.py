@@ -40,7 +40,9 @@ class RequestPool:
         self._defaults = dict(default_params)
         self._use_chat = use_chat
 
-    async def request(self, payload: Mapping[str, Any], *, path: str | None = None) -> dict[str, Any]:
+    async def request(
+        self, payload: Mapping[str, Any], *, path: str | None = None
+    ) -> dict[str, Any]:
         """POST ``payload`` (with the model and default params filled in); the JSON answer."""
         body = {"model": self._model, **self._defaults, **payload}
         path = path or (CHAT_PATH if self._use_chat else COMPLETIONS_PATH)
@@ -60,7 +62,9 @@ class RequestPool:
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """A chat completion for ``messages``."""
-        return parse_completion(await self.request({"messages": messages, **params}, path=CHAT_PATH))
+        return parse_completion(
+            await self.request({"messages": messages, **params}, path=CHAT_PATH)
+        )
 
     async def complete(self, prompt: str, **params: Any) -> Completion:
         """A text completion of ``prompt``."""

@@ -35,7 +35,9 @@ def is_port_free(port: int) -> bool:
     return True
 
 
-def pick_port(rank: int = 0, *, avoid: Container[int] = (), rng: random.Random | None = None) -> int:
+def pick_port(
+    rank: int = 0, *, avoid: Container[int] = (), rng: random.Random | None = None
+) -> int:
     """A port that looked free just now, starting from a random base plus ``rank``'s offset."""
     rng = rng or random.Random()
     span = PORT_HIGH - PORT_LOW
@@ -44,4 +46,6 @@ def pick_port(rank: int = 0, *, avoid: Container[int] = (), rng: random.Random |
         port = PORT_LOW + (start + step) % span
         if port not in avoid and is_port_free(port):
             return port
-    raise OSError(errno.EADDRINUSE, f"no free port among {SCAN} tried from {PORT_LOW + start % span}")
+    raise OSError(
+        errno.EADDRINUSE, f"no free port among {SCAN} tried from {PORT_LOW + start % span}"
+    )

@@ -81,7 +81,7 @@ class Reaper:
                 argv,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_server_preexec,  # noqa: PLW1509 - single-threaded process
+                preexec_fn=_server_preexec,
             )
         except (OSError, ValueError) as exc:
             self.send(f"error cannot start {argv[0]!r}: {exc}")

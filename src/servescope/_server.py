@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,6 +40,9 @@ from ._serverlog import ServerLog
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = ["Server", "open_server"]
 
 PROBE_FIRST_DELAY = 0.02
@@ -46,6 +50,7 @@ PROBE_MAX_DELAY = 2.0
 PROBE_TIMEOUT = 5.0
 #: After the server exits, how long its last output may take to arrive.
 EXIT_DRAIN = 0.25
+DUMMY_GRACE = 0.2
 
 
 class Server:
@@ -88,7 +93,9 @@ class Server:
         """The last lines the server printed."""
         return self._log.tail()
 
-    async def request(self, payload: Mapping[str, Any], *, path: str | None = None) -> dict[str, Any]:
+    async def request(
+        self, payload: Mapping[str, Any], *, path: str | None = None
+    ) -> dict[str, Any]:
         """POST an OpenAI payload (model and ``default_params`` filled in); the JSON reply.
 
         The endpoint is ``/v1/chat/completions`` if the config's ``use_chat`` is set,
@@ -247,14 +254,19 @@ class _Supervisor:
     # -- the in-process dummy -------------------------------------------------------------
 
     async def _run_dummy(self, config: DummyConfig, task_status: TaskStatus[None]) -> None:
-        sock = listen_socket(backlog=max(1024, 2 * config.max_concurrency))
+        backlog = max(1024, 2 * config.max_concurrency)
+        sock = listen_socket(backlog=backlog)
         self.server._base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         app = DummyApp(config.settings())
+        # Its only clients are this scope's own requests, already cancelled at teardown:
+        # nothing is worth draining, so the grace is short.
+        grace = min(config.shutdown_grace, DUMMY_GRACE)
         async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: serve_asgi(
-                app, sock, backlog=max(1024, 2 * config.max_concurrency),
-                shutdown_grace=config.shutdown_grace, task_status=task_status,
-            ))
+            await tg.start(
+                lambda task_status: serve_asgi(
+                    app, sock, backlog=backlog, shutdown_grace=grace, task_status=task_status
+                )
+            )
             task_status.started()
             attempt = _Attempt(tg, PatternTable())
             attempt.wake.set()

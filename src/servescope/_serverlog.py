@@ -26,9 +26,7 @@ class ServerLog:
     visible without configuration) and at DEBUG afterwards (a serving engine is chatty).
     """
 
-    def __init__(
-        self, *, rank: int, node: int, log_dir: Path | None, tail_lines: int = 50
-    ) -> None:
+    def __init__(self, *, rank: int, node: int, log_dir: Path | None, tail_lines: int = 50) -> None:
         self.rank = rank
         self.ready = False
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)

@@ -6,7 +6,7 @@ behaviours a supervisor must survive, each timed in seconds from start::
 
     --ready-after 2            bind at once, accept connections only after 2 s
     --never-ready              bind, never accept (a server that hangs while loading)
-    --print '1.5:stderr:text'  print a line (backslash escapes allowed: '\\xff' is a byte)
+    --print '1.5:stderr:text'  print a line ('\\xff' escapes give bytes; {time} the time)
     --flood '0:stdout:10000000'  print that many bytes without a newline, then one
     --exit-after 3 --exit-code 1
     --ignore-sigterm           SIGTERM does nothing (only SIGKILL stops it)
@@ -54,8 +54,11 @@ _ORPHANER = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m servescope.dummy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m servescope.dummy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = parser.add_argument
     add("--port", type=int, required=True)
     add("--host", default="127.0.0.1")
@@ -71,8 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--exit-after", type=float)
     add("--exit-code", type=int, default=1)
     add("--ignore-sigterm", action="store_true")
-    add("--child", action="append", default=[],
-        choices=["plain", "ignore-sigterm", "new-group", "orphan"])
+    add(
+        "--child",
+        action="append",
+        default=[],
+        choices=["plain", "ignore-sigterm", "new-group", "orphan"],
+    )
     add("--pid-file", type=Path)
     add("--lifetime", type=float, default=600.0)
     return parser
@@ -95,9 +102,9 @@ async def _at(when: float, start: float) -> None:
 
 async def _print_later(spec: str, start: float) -> None:
     when, name, text = spec.split(":", 2)
-    data = codecs.escape_decode(text.encode("utf-8"))[0]
     await _at(float(when), start)
-    _write(_stream(name), data + b"\n")
+    text = text.replace("{time}", f"{time.time():.6f}")
+    _write(_stream(name), codecs.escape_decode(text.encode("utf-8"))[0] + b"\n")
 
 
 async def _flood_later(spec: str, start: float) -> None:
@@ -125,7 +132,9 @@ def _spawn_children(kinds: Sequence[str], lifetime: float) -> list[int]:
         if kind == "orphan":
             middle = subprocess.run(
                 [sys.executable, "-c", _ORPHANER, _SLEEPER, str(lifetime)],
-                capture_output=True, check=True, text=True,
+                capture_output=True,
+                check=True,
+                text=True,
             )
             pids.append(int(middle.stdout.strip()))
             continue
@@ -171,12 +180,17 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
         nonlocal first_ok
         if path == "/v1/models" and status == 200 and not first_ok:
             first_ok = True
-            _write(sys.stdout.buffer, f"servescope-dummy: first 200 at {time.time():.6f}\n".encode())
+            _write(
+                sys.stdout.buffer, f"servescope-dummy: first 200 at {time.time():.6f}\n".encode()
+            )
 
     async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: serve_asgi(
-            DummyApp(settings, on_request), served, backlog=4096, task_status=task_status
-        ))
+        _write(sys.stdout.buffer, f"servescope-dummy: serving at {time.time():.6f}\n".encode())
+        await tg.start(
+            lambda task_status: serve_asgi(
+                DummyApp(settings, on_request), served, backlog=4096, task_status=task_status
+            )
+        )
         if args.ready_line:
             _write(sys.stderr.buffer, args.ready_line.encode() + b"\n")
 

@@ -1,0 +1,42 @@
+"""The public surface: everything exported is documented and comes from servescope."""
+
+from __future__ import annotations
+
+import servescope
+
+EXPECTED = {
+    "BadRequest",
+    "Completion",
+    "ConfigError",
+    "CustomConfig",
+    "DummyConfig",
+    "RequestError",
+    "RequestTimeout",
+    "RetriesExhausted",
+    "ServeError",
+    "Server",
+    "ServerCrashed",
+    "ServerError",
+    "ServerStartError",
+    "Usage",
+    "open_server",
+}
+
+
+def test_exported_members() -> None:
+    exported = {name for name in dir(servescope) if not name.startswith("_")}
+    exported -= {"backends", "dummy"}  # subpackage and the fake-engine script module
+    assert exported == EXPECTED
+    for name in EXPECTED:
+        member = getattr(servescope, name)
+        assert member.__module__.startswith("servescope"), name
+        assert member.__doc__, f"{name} has no docstring"
+
+
+def test_error_tree() -> None:
+    for name in ("ConfigError", "ServerError", "RequestError"):
+        assert issubclass(getattr(servescope, name), servescope.ServeError)
+    assert issubclass(servescope.ServerStartError, servescope.ServerError)
+    assert issubclass(servescope.ServerCrashed, servescope.ServerError)
+    for name in ("BadRequest", "RetriesExhausted", "RequestTimeout"):
+        assert issubclass(getattr(servescope, name), servescope.RequestError)

@@ -1,0 +1,246 @@
+"""Launched servers: failures, teardown and retries, through a real process tree.
+
+The server is ``servescope.dummy`` run as a custom-backend script, scripted to
+print, hang, crash, ignore SIGTERM and spawn children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from servescope import ServerCrashed, ServerStartError, _server, open_server
+from servescope._ports import pick_port as real_pick
+from servescope._serverlog import log_file_name
+
+from .conftest import dummy_process
+
+pytestmark = pytest.mark.anyio
+
+OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+
+
+def read_pids(pid_file: Path) -> list[int]:
+    pids = json.loads(pid_file.read_text())
+    return [pids["server"], *pids["children"]]
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    alive = [
+        pid
+        for pid in pids
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert not alive, f"still running: {alive}"
+
+
+async def test_ready_and_serving() -> None:
+    with anyio.fail_after(20):
+        async with open_server(dummy_process("--ready-after", "0.3")) as server:
+            assert server.pid is not None and not server.ready
+            await server.wait_ready()
+            out = await server.chat([{"role": "user", "content": "hi"}])
+            assert out.usage.completion_tokens == 100
+            assert any("Application startup complete" in line for line in server.log_tail())
+
+
+async def test_fatal_line_while_running_fails_within_a_second() -> None:
+    config = dummy_process("--never-ready", "--print", f"0.2:stderr:{{time}} {OOM_LINE}")
+    with anyio.fail_after(20), pytest.raises(ServerStartError) as info:
+        async with open_server(config) as server:
+            await server.wait_ready()
+    latency = time.time() - float(info.value.matched_line.split()[0])  # type: ignore[union-attr]
+    assert latency < 1.0
+    assert "CUDA out of memory" in info.value.reason
+    assert info.value.exit_code is None
+    assert info.value.log_tail[-1].endswith(OOM_LINE)
+
+
+async def test_exit_before_ready_reports_code_and_last_lines() -> None:
+    config = dummy_process(
+        "--never-ready",
+        "--print",
+        "0:stdout:loading weights",
+        "--print",
+        "0.1:stderr:oh no",
+        "--exit-after",
+        "0.3",
+        "--exit-code",
+        "3",
+    )
+    with anyio.fail_after(20), pytest.raises(ServerStartError) as info:
+        async with open_server(config):
+            await anyio.sleep(30)
+    assert info.value.exit_code == 3
+    assert "exited with code 3 before it was ready" in str(info.value)
+    assert "loading weights" in info.value.log_tail and "oh no" in info.value.log_tail
+    assert "oh no" in str(info.value)
+
+
+async def test_exit_after_ready_cancels_the_body() -> None:
+    config = dummy_process("--exit-after", "1.5", "--exit-code", "0")
+    body_cancelled = False
+    with anyio.fail_after(20), pytest.raises(ServerCrashed) as info:
+        async with open_server(config) as server:
+            await server.wait_ready()
+            try:
+                await anyio.sleep(30)
+            except anyio.get_cancelled_exc_class():
+                body_cancelled = True
+                raise
+    assert body_cancelled
+    assert info.value.exit_code == 0
+    assert "after it was ready" in info.value.reason
+
+
+async def test_fatal_line_after_ready_is_a_crash() -> None:
+    config = dummy_process("--print", f"1.5:stderr:{OOM_LINE}")
+    with anyio.fail_after(20), pytest.raises(ServerCrashed, match="CUDA out of memory"):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            await anyio.sleep(30)
+
+
+async def test_body_exception_tears_down_tree(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids.json"
+    config = dummy_process("--child", "plain", "--pid-file", str(pid_file))
+    with anyio.fail_after(20), pytest.raises(KeyError, match="from the body"):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            raise KeyError("from the body")
+    assert_all_gone(read_pids(pid_file))
+
+
+async def test_sigterm_ignoring_and_escaped_descendants_are_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids.json"
+    config = dummy_process(
+        "--ignore-sigterm",
+        "--child",
+        "ignore-sigterm",
+        "--child",
+        "new-group",
+        "--child",
+        "orphan",
+        "--pid-file",
+        str(pid_file),
+        shutdown_grace=0.5,
+    )
+    with anyio.fail_after(20):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            pids = read_pids(pid_file)
+            assert len(pids) == 4 and all(psutil.pid_exists(pid) for pid in pids)
+            # server + ignoring child share a group; the other two escaped it
+            assert len({os.getpgid(pid) for pid in pids}) == 3
+        assert_all_gone(pids)
+
+
+async def test_cancel_from_outside_is_bounded_by_grace(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids.json"
+    config = dummy_process(
+        "--ignore-sigterm",
+        "--child",
+        "ignore-sigterm",
+        "--pid-file",
+        str(pid_file),
+        shutdown_grace=1.0,
+    )
+    with anyio.fail_after(20):
+        with anyio.move_on_after(30) as outer:
+            async with open_server(config) as server:
+                await server.wait_ready()
+                outer.cancel()
+                started = anyio.current_time()
+                await anyio.sleep(30)
+        teardown = anyio.current_time() - started
+    assert outer.cancelled_caught
+    assert 0.9 < teardown < 1.0 + 3.0  # SIGKILL comes right after the grace period
+    assert_all_gone(read_pids(pid_file))
+
+
+async def test_startup_timeout() -> None:
+    config = dummy_process("--never-ready", startup_timeout=0.5)
+    with anyio.fail_after(20), pytest.raises(ServerStartError, match="not ready within"):
+        async with open_server(config) as server:
+            await server.wait_ready()
+
+
+async def test_port_taken_is_retried_on_another_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy_port = taken.getsockname()[1]
+    calls: list[int] = []
+
+    def pick(rank: int, *, avoid: set[int]) -> int:
+        port = busy_port if not calls else real_pick(rank, avoid=avoid)
+        calls.append(port)
+        return port
+
+    monkeypatch.setattr(_server, "pick_port", pick)
+    try:
+        with anyio.fail_after(20):
+            async with open_server(dummy_process()) as server:
+                await server.wait_ready()
+                assert server.base_url != f"http://127.0.0.1:{busy_port}"
+                assert len(calls) == 2
+                assert any("Address already in use" in line for line in server.log_tail())
+    finally:
+        taken.close()
+
+
+async def test_port_taken_on_every_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(_server, "pick_port", lambda *a, **k: taken.getsockname()[1])
+        with anyio.fail_after(20), pytest.raises(ServerStartError, match="after 2 attempts"):
+            async with open_server(dummy_process()) as server:
+                await server.wait_ready()
+
+
+async def test_invalid_utf8_and_giant_line(tmp_path: Path) -> None:
+    config = dummy_process(
+        "--print",
+        "0:stdout:before \\xff\\xfe after",
+        "--flood",
+        "0:stderr:10000000",
+        "--print",
+        "0.1:stderr:still scanning",
+        log_dir=tmp_path,
+    )
+    with anyio.fail_after(30):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            while "still scanning" not in server.log_tail():  # noqa: ASYNC110 - stderr lags
+                await anyio.sleep(0.05)
+            tail = server.log_tail()
+    assert "before \ufffd\ufffd after" in tail
+    assert "still scanning" in tail
+    (giant,) = [line for line in tail if line.startswith("xxxx")]
+    assert len(giant) < 70 * 1024 and "more bytes of this line dropped" in giant
+    log_text = (tmp_path / log_file_name(0, 0)).read_text()
+    assert "still scanning" in log_text and "ready at http://127.0.0.1" in log_text
+
+
+async def test_missing_executable() -> None:
+    config = dummy_process(python="/nonexistent/python3")
+    with anyio.fail_after(20), pytest.raises(ServerStartError, match="cannot start '/nonexistent"):
+        async with open_server(config):
+            pass
+
+
+async def test_user_fatal_pattern() -> None:
+    config = dummy_process(
+        "--never-ready", "--print", "0.1:stdout:engine 2 died", fatal_patterns=(r"engine \d died",)
+    )
+    with anyio.fail_after(20), pytest.raises(ServerStartError, match="engine 2 died"):
+        async with open_server(config) as server:
+            await server.wait_ready()
