@@ -74,3 +74,12 @@ def test_configs_are_frozen() -> None:
     config = DummyConfig()
     with pytest.raises(ValueError, match="frozen"):
         config.latency = 3  # type: ignore[misc]
+
+
+def test_direct_construction_raises_config_error() -> None:
+    with pytest.raises(
+        ConfigError, match=r"invalid DummyConfig: faults: Value error, unknown fault"
+    ):
+        DummyConfig(faults=("explode",))
+    with pytest.raises(ConfigError, match=r"unknown key 'scirpt'"):
+        CustomConfig(scirpt="x.py")  # type: ignore[call-arg]

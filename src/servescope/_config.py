@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,8 +35,11 @@ class ServerConfig(BaseModel):
         env: extra environment variables for the server process.
         use_chat: ``server.request`` posts to ``/v1/chat/completions`` (else ``/v1/completions``).
         default_params: request parameters used unless a call sets them.
-        request_timeout / connect_timeout: per-request limits, in seconds.
-        max_concurrency: requests in flight at once.
+        request_timeout / connect_timeout: per-attempt limits, in seconds.
+        max_concurrency: requests in flight at once (others wait for a slot).
+        max_retries: retries of a retryable failure before ``RetriesExhausted``.
+        backoff_base / backoff_max: the exponential backoff's first step and cap (full jitter).
+        retry_after_max: the longest ``Retry-After`` honoured, in seconds.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,6 +58,18 @@ class ServerConfig(BaseModel):
     request_timeout: float = Field(default=600.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
     max_concurrency: int = Field(default=500, ge=1)
+    max_retries: int = Field(default=6, ge=0)
+    backoff_base: float = Field(default=0.5, ge=0)
+    backoff_max: float = Field(default=30.0, ge=0)
+    retry_after_max: float = Field(default=300.0, ge=0)
+
+    if not TYPE_CHECKING:  # keep the pydantic plugin's typed signature for mypy
+
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except pydantic.ValidationError as exc:
+                raise config_error(exc, type(self).__name__) from None
 
     @field_validator("ready_patterns", "fatal_patterns")
     @classmethod

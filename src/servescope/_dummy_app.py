@@ -6,7 +6,6 @@ and the subprocess fake engine (``python -m servescope.dummy``).
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 import uuid
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+
+from ._faults import Fault, FaultSchedule, parse_fault
 
 __all__ = ["DEFAULT_TEXT", "DummyApp", "DummySettings"]
 
@@ -41,10 +42,21 @@ class DummySettings:
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        retry_after: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.retry_after = retry_after
+
+
+class _Drop(Exception):
+    """Raised after a partial body: the server then cuts the connection."""
 
 
 class DummyApp:
@@ -58,41 +70,76 @@ class DummyApp:
         self,
         settings: DummySettings,
         on_request: Callable[[str, str, int], None] | None = None,
+        faults: FaultSchedule | None = None,
     ) -> None:
         self.settings = settings
         self.on_request = on_request
+        self.faults = faults or FaultSchedule()
         self.in_flight = 0
-        self._ids = itertools.count()
+        self.max_in_flight = 0
+        self.requests = 0
+        self._attempts: dict[str, int] = {}
         self._created = int(time.time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "http":
+            self.requests += 1
             self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 await self._http(scope, receive, send)
             finally:
                 self.in_flight -= 1
 
+    def stats(self) -> dict[str, int]:
+        """Counters tests read (``GET /dummy/stats`` serves them too)."""
+        return {
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "requests": self.requests,
+        }
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         try:
+            fault = self._fault(dict(scope["headers"]), path)
             body = await _read_body(receive)
+            if fault.delay:
+                await anyio.sleep(fault.delay)
+            if fault.status is not None:
+                raise _HTTPError(fault.status, "injected fault", retry_after=fault.retry_after)
             status, payload = await self._route(method, path, body)
         except _HTTPError as exc:
             status, payload = exc.status, _error_body(str(exc), exc.kind)
+            fault = Fault(retry_after=exc.retry_after)
         if self.on_request is not None:
             self.on_request(method, path, status)
         if isinstance(payload, list):
             await _send_events(send, payload)
         else:
-            await _send_json(send, status, payload)
+            await _send_json(send, status, payload, fault)
+
+    def _fault(self, headers: dict[bytes, bytes], path: str) -> Fault:
+        directives = headers.get(b"x-servescope-fault")
+        if directives is None:
+            return self.faults.next() if path.startswith("/v1/c") else Fault()
+        steps = directives.decode("latin-1").split("|")
+        key = headers.get(b"x-servescope-fault-id", b"").decode("latin-1")
+        attempt = self._attempts.get(key, 0) if key else 0
+        if key:
+            self._attempts[key] = attempt + 1
+        try:
+            return parse_fault(steps[min(attempt, len(steps) - 1)])
+        except ValueError as exc:
+            raise _HTTPError(400, str(exc)) from None
 
     async def _route(
         self, method: str, path: str, body: bytes
     ) -> tuple[int, dict[str, Any] | list[dict[str, Any]]]:
         routes = {
+            ("GET", "/dummy/stats"): self._stats,
             ("GET", "/health"): self._health,
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
@@ -107,6 +154,9 @@ class DummyApp:
 
     async def _health(self, body: bytes) -> dict[str, Any]:
         return {}
+
+    async def _stats(self, body: bytes) -> dict[str, Any]:
+        return dict(self.stats())
 
     async def _models(self, body: bytes) -> dict[str, Any]:
         model = {
@@ -232,10 +282,23 @@ async def _read_body(receive: Receive) -> bytes:
             return bytes(body)
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, payload: dict[str, Any], fault: Fault) -> None:
     body = json.dumps(payload).encode()
+    if fault.body == "malformed":
+        body = b"<html><body>502 Bad Gateway</body></html>"
+    elif fault.body == "no-choices":
+        body = json.dumps({"id": payload.get("id"), "object": "chat.completion"}).encode()
+    elif fault.body == "truncated":
+        body = body[: len(body) // 2]
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if fault.retry_after is not None:
+        headers.append((b"retry-after", fault.retry_after.encode("latin-1")))
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    if fault.drop:
+        await send({"type": "http.response.body", "body": body[:5], "more_body": True})
+        raise _Drop("injected fault: connection dropped")
+    if fault.slow_body:
+        await anyio.sleep(fault.slow_body)
     await send({"type": "http.response.body", "body": body})
 
 

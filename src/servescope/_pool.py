@@ -1,14 +1,39 @@
-"""Sending requests to a server: payload defaults, readiness, errors, parsing."""
+"""The request pool: concurrency slots, retries with jittered backoff, error classes.
+
+A request holds one of ``max_concurrency`` slots (an anyio ``CapacityLimiter``) only
+while it is on the wire: the backoff sleep before a retry happens *without* a slot,
+so a server answering 503 does not starve every other request of slots.
+
+Classification (see ``_responses`` for statuses): connection errors, timeouts and
+408/429/500/502/503/504 are retried up to ``max_retries`` times, then
+``RetriesExhausted`` is raised with the last failure as its cause; 400/401/403/404/
+413/422 raise ``BadRequest`` at once; a 2xx whose body is not the JSON object it
+should be raises ``RequestError`` at once, with an excerpt of what came back.
+"""
 
 from __future__ import annotations
 
+import json
+import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 
-from ._errors import RequestError, RequestTimeout
-from ._responses import Completion, classify_status, parse_completion, parse_json
+from ._config import ServerConfig
+from ._errors import RequestError, RequestTimeout, RetriesExhausted
+from ._metrics import Metrics, MetricsSnapshot
+from ._responses import (
+    Completion,
+    classify_status,
+    parse_completion,
+    parse_json,
+    usage_of,
+)
+from ._retry import parse_retry_after, retry_delay
 
 __all__ = ["RequestPool"]
 
@@ -16,49 +41,63 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
 
+@dataclass(frozen=True)
+class _Retry:
+    """A failed attempt that may be retried."""
+
+    error: RequestError
+    retry_after: float | None = None
+
+
 class RequestPool:
     """Posts OpenAI requests to one server through one keep-alive httpx client.
 
-    ``base_url`` and ``wait_ready`` come from the server scope: requests wait for
-    readiness by themselves, and see the current address after a restart.
+    ``base_url``, ``wait_ready`` and ``check_open`` come from the server scope:
+    requests wait for readiness by themselves, see the current address after a
+    restart, and fail fast with the server's own error once the scope has failed.
     """
 
     def __init__(
         self,
         client: httpx.AsyncClient,
+        config: ServerConfig,
         *,
         base_url: Callable[[], str],
         wait_ready: Callable[[], Awaitable[None]],
-        model: str,
-        default_params: Mapping[str, Any],
-        use_chat: bool,
+        check_open: Callable[[], None],
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
+        self._config = config
         self._base_url = base_url
         self._wait_ready = wait_ready
-        self._model = model
-        self._defaults = dict(default_params)
-        self._use_chat = use_chat
+        self._check_open = check_open
+        self._rng = rng or random.Random()
+        self._limiter = anyio.CapacityLimiter(config.max_concurrency)
+        self._metrics = Metrics()
+
+    @property
+    def metrics(self) -> MetricsSnapshot:
+        """A snapshot of this pool's request metrics."""
+        return self._metrics.snapshot(waiting=self._limiter.statistics().tasks_waiting)
 
     async def request(
-        self, payload: Mapping[str, Any], *, path: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """POST ``payload`` (with the model and default params filled in); the JSON answer."""
-        body = {"model": self._model, **self._defaults, **payload}
-        path = path or (CHAT_PATH if self._use_chat else COMPLETIONS_PATH)
-        await self._wait_ready()
+        """POST ``payload`` (model and default params filled in); the JSON answer."""
+        body = json.dumps({"model": self._config.model, **self._config.default_params, **payload})
+        path = path or (CHAT_PATH if self._config.use_chat else COMPLETIONS_PATH)
+        self._check_open()
+        self._metrics.started += 1
         try:
-            response = await self._client.post(self._base_url() + path, json=body)
-        except httpx.TimeoutException as exc:
-            raise RequestTimeout(f"no answer from {path} in time: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise RequestError(f"request to {path} failed: {exc!r}") from exc
-        error = classify_status(response.status_code, response.content)
-        if error is None and response.status_code >= 300:
-            error = RequestError(f"server answered {response.status_code} to {path}")
-        if error is not None:
-            raise error
-        return parse_json(response.content)
+            return await self._with_retries(path, body.encode(), headers or {})
+        except Exception:
+            self._metrics.failed += 1
+            raise
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """A chat completion for ``messages``."""
@@ -70,3 +109,61 @@ class RequestPool:
         """A text completion of ``prompt``."""
         response = await self.request({"prompt": prompt, **params}, path=COMPLETIONS_PATH)
         return parse_completion(response)
+
+    async def _with_retries(
+        self, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        config = self._config
+        started: float | None = None
+        for retry in range(config.max_retries + 1):
+            await self._wait_ready()
+            self._check_open()
+            started = started or time.monotonic()
+            async with self._limiter:
+                self._metrics.in_flight += 1
+                try:
+                    outcome = await self._attempt(path, body, headers)
+                finally:
+                    self._metrics.in_flight -= 1
+            if not isinstance(outcome, _Retry):
+                usage = usage_of(outcome)
+                latency = time.monotonic() - started
+                self._metrics.success(latency, usage.prompt_tokens, usage.completion_tokens)
+                return outcome
+            if retry == config.max_retries:
+                attempts = config.max_retries + 1
+                raise RetriesExhausted(
+                    f"{path} failed {attempts} times; last: {outcome.error}"
+                ) from outcome.error
+            self._metrics.retried += 1
+            delay = retry_delay(
+                retry,
+                outcome.retry_after,
+                base=config.backoff_base,
+                cap=config.backoff_max,
+                retry_after_cap=config.retry_after_max,
+                rng=self._rng,
+            )
+            await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, Any] | _Retry:
+        request_headers = {"content-type": "application/json", **headers}
+        try:
+            response = await self._client.post(
+                self._base_url() + path, content=body, headers=request_headers
+            )
+        except httpx.TimeoutException as exc:
+            return _Retry(RequestTimeout(f"no answer from {path} in time ({exc!r})"))
+        except httpx.TransportError as exc:
+            return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))
+        error = classify_status(response.status_code, response.content)
+        if error is not None:
+            raise error
+        if response.status_code >= 300:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            message = f"server answered {response.status_code} to {path}"
+            return _Retry(RequestError(message), retry_after)
+        return parse_json(response.content)

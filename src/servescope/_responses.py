@@ -29,6 +29,7 @@ __all__ = [
     "excerpt",
     "parse_completion",
     "parse_json",
+    "usage_of",
 ]
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -118,13 +119,15 @@ def parse_completion(response: dict[str, Any]) -> Completion:
     return Completion(
         text=text,
         finish_reason=finish if isinstance(finish, str) else None,
-        usage=_usage(response.get("usage")),
+        usage=usage_of(response),
         reasoning=reasoning,
         raw=response,
     )
 
 
-def _usage(value: Any) -> Usage:
+def usage_of(response: dict[str, Any]) -> Usage:
+    """The token counts of a response (zeros where missing or mistyped)."""
+    value = response.get("usage")
     if not isinstance(value, dict):
         return Usage()
     counts = {}

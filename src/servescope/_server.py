@@ -32,6 +32,7 @@ from ._config import ServerConfig
 from ._dummy_app import DummyApp
 from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
 from ._logscan import LineKind, LineSplitter, PatternTable
+from ._metrics import MetricsSnapshot
 from ._pool import RequestPool
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
@@ -70,6 +71,7 @@ class Server:
         self._failure: ServerError | None = None
         self._closed = False
         self._pool: RequestPool | None = None
+        self._dummy_app: DummyApp | None = None  # the in-process dummy, for tests
 
     @property
     def base_url(self) -> str:
@@ -94,14 +96,25 @@ class Server:
         return self._log.tail()
 
     async def request(
-        self, payload: Mapping[str, Any], *, path: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST an OpenAI payload (model and ``default_params`` filled in); the JSON reply.
 
         The endpoint is ``/v1/chat/completions`` if the config's ``use_chat`` is set,
-        else ``/v1/completions``, unless ``path`` is given.
+        else ``/v1/completions``, unless ``path`` is given. Retryable failures are
+        retried with backoff; see ``servescope._pool`` for the classification.
         """
-        return await self._requests().request(payload, path=path)
+        return await self._requests().request(payload, path=path, headers=headers)
+
+    @property
+    def metrics(self) -> MetricsSnapshot:
+        """Request counts, tokens, tokens per second, latency percentiles, in flight, waiting."""
+        assert self._pool is not None
+        return self._pool.metrics
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """A chat completion (``max_tokens=...``, ``temperature=...`` as keyword arguments)."""
@@ -150,11 +163,10 @@ async def open_server(
         ):
             server._pool = RequestPool(
                 client,
+                config,
                 base_url=lambda: server.base_url,
                 wait_ready=server.wait_ready,
-                model=config.model,
-                default_params=config.default_params,
-                use_chat=config.use_chat,
+                check_open=server._check_open,
             )
             supervisor = _Supervisor(server, tg, client)
             await tg.start(supervisor.run)
@@ -257,7 +269,8 @@ class _Supervisor:
         backlog = max(1024, 2 * config.max_concurrency)
         sock = listen_socket(backlog=backlog)
         self.server._base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        app = DummyApp(config.settings())
+        app = DummyApp(config.settings(), faults=config.fault_schedule())
+        self.server._dummy_app = app
         # Its only clients are this scope's own requests, already cancelled at teardown:
         # nothing is worth draining, so the grace is short.
         grace = min(config.shutdown_grace, DUMMY_GRACE)

@@ -13,6 +13,7 @@ behaviours a supervisor must survive, each timed in seconds from start::
     --child ignore-sigterm     spawn a child: plain | ignore-sigterm | new-group | orphan
     --pid-file F               write {"server": pid, "children": [pids]} as JSON
     --lifetime 600             exit by itself after this long, whatever happens
+    --fault 'status=503' --fault-rate 0.2 --fault-seed 1   seeded random faults
 
 Nothing here is imported by the library; tests and benchmarks run it as a process.
 """
@@ -36,6 +37,7 @@ import anyio
 
 from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DEFAULT_TEXT, DummyApp, DummySettings
+from servescope._faults import FaultSchedule
 
 __all__ = ["main"]
 
@@ -82,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--pid-file", type=Path)
     add("--lifetime", type=float, default=600.0)
+    add("--fault", dest="faults", action="append", default=[], metavar="DIRECTIVE")
+    add("--fault-rate", type=float, default=0.0)
+    add("--fault-seed", type=int, default=0)
     return parser
 
 
@@ -174,6 +179,7 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
     sock.close()
     served = listen_socket(args.host, args.port, backlog=4096)
     settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency)
+    schedule = FaultSchedule(tuple(args.faults), args.fault_rate, args.fault_seed)
     first_ok = False
 
     def on_request(method: str, path: str, status: int) -> None:
@@ -188,7 +194,10 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
         _write(sys.stdout.buffer, f"servescope-dummy: serving at {time.time():.6f}\n".encode())
         await tg.start(
             lambda task_status: serve_asgi(
-                DummyApp(settings, on_request), served, backlog=4096, task_status=task_status
+                DummyApp(settings, on_request, schedule),
+                served,
+                backlog=4096,
+                task_status=task_status,
             )
         )
         if args.ready_line:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .._config import ServerConfig
 from .._dummy_app import DEFAULT_TEXT, DummySettings
+from .._faults import FaultSchedule, parse_fault
 
 __all__ = ["DummyConfig"]
 
@@ -24,6 +25,11 @@ class DummyConfig(ServerConfig):
         text: the completion text of every answer.
         completion_tokens: the completion token count reported (capped by ``max_tokens``).
         latency: seconds each completion takes.
+        faults / fault_rate / fault_seed: a seeded random fault schedule — each completion
+            request, with probability ``fault_rate``, gets one of the ``faults``
+            directives (see ``servescope._faults``: ``status=503,retry-after=1``,
+            ``drop``, ``malformed``, ``truncated``, ``delay=0.5``, ...). A request can
+            also carry its own directives in the ``x-servescope-fault`` header.
     """
 
     backend: Literal["dummy"] = "dummy"
@@ -31,7 +37,21 @@ class DummyConfig(ServerConfig):
     text: str = DEFAULT_TEXT
     completion_tokens: int = Field(default=100, ge=1)
     latency: float = Field(default=0.0, ge=0)
+    faults: tuple[str, ...] = ()
+    fault_rate: float = Field(default=0.0, ge=0, le=1)
+    fault_seed: int = 0
+
+    @field_validator("faults")
+    @classmethod
+    def _valid_faults(cls, faults: tuple[str, ...]) -> tuple[str, ...]:
+        for fault in faults:
+            parse_fault(fault)
+        return faults
 
     def settings(self) -> DummySettings:
         """What the dummy app answers."""
         return DummySettings(self.model, self.text, self.completion_tokens, self.latency)
+
+    def fault_schedule(self) -> FaultSchedule:
+        """A fresh seeded fault schedule."""
+        return FaultSchedule(self.faults, self.fault_rate, self.fault_seed)

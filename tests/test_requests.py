@@ -1,0 +1,244 @@
+"""The request pool: classification, retries, Retry-After, slots, metrics.
+
+The property test drives the in-process dummy with random per-request fault
+sequences and checks each request's outcome against a model of the rules.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import servescope
+from servescope import BadRequest, DummyConfig, RequestError, RetriesExhausted, open_server
+from servescope._responses import classify_status, parse_completion
+from servescope._retry import backoff_delay, parse_retry_after, retry_delay
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("3", 3.0),
+        (" 0.5 ", 0.5),
+        ("-1", None),
+        ("soon", None),
+        ("Mon, 23 Nov 2026 12:00:30 GMT", 30.0),
+        ("Mon, 23 Nov 2026 11:00:00 GMT", 0.0),
+        ("Mon, 99 Foo 2026 12:00:30 GMT", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == seconds
+
+
+@given(st.integers(0, 200), st.floats(0, 10), st.floats(0, 100), st.integers())
+def test_backoff_is_full_jitter_and_capped(retry: int, base: float, cap: float, seed: int) -> None:
+    delay = backoff_delay(retry, base=base, cap=cap, rng=random.Random(seed))
+    assert 0 <= delay <= min(cap, base * 2.0 ** min(retry, 62))
+
+
+@given(st.floats(0, 1e6), st.integers(0, 10))
+def test_retry_after_is_a_capped_floor(retry_after: float, retry: int) -> None:
+    rng = random.Random(0)
+    delay = retry_delay(retry, retry_after, base=0.1, cap=1.0, retry_after_cap=60.0, rng=rng)
+    assert min(retry_after, 60.0) <= delay <= max(1.0, min(retry_after, 60.0))
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (200, None),
+        (400, BadRequest),
+        (401, BadRequest),
+        (403, BadRequest),
+        (404, BadRequest),
+        (413, BadRequest),
+        (422, BadRequest),
+        (408, None),
+        (429, None),
+        (500, None),
+        (502, None),
+        (503, None),
+        (504, None),
+        (418, RequestError),
+        (501, RequestError),
+    ],
+)
+def test_classify_status(status: int, kind: type[Exception] | None) -> None:
+    error = classify_status(status, b'{"error": "x"}')
+    assert (type(error) if error else None) is kind
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        ({}, "no choices"),
+        ({"choices": []}, "no choices"),
+        ({"choices": ["text"]}, "no choices"),
+        ({"choices": [{"message": {"content": 5}}]}, "not a string"),
+        ({"choices": [{"text": ["a"]}]}, "not a string"),
+    ],
+)
+def test_malformed_completion(response: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        parse_completion(response)
+
+
+def test_completion_fields() -> None:
+    message = {"content": "hi", "reasoning_content": "because"}
+    response = {
+        "choices": [{"message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": True, "total_tokens": "x"},
+    }
+    completion = parse_completion(response)
+    assert (completion.text, completion.reasoning, completion.finish_reason) == (
+        "hi",
+        "because",
+        "stop",
+    )
+    assert completion.usage == servescope.Usage(prompt_tokens=3)
+    legacy = parse_completion({"choices": [{"message": {"content": None, "reasoning": "r"}}]})
+    assert (legacy.text, legacy.reasoning) == ("", "r")
+
+
+# -- against the dummy -------------------------------------------------------------------
+
+MAX_RETRIES = 3
+TERMINAL = {
+    "ok": None,
+    "delay=0.01": None,
+    "status=400": BadRequest,
+    "status=404": BadRequest,
+    "status=422": BadRequest,
+    "status=418": RequestError,
+    "malformed": RequestError,
+    "no-choices": RequestError,
+    "truncated": RequestError,
+}
+RETRYABLE = ["status=503", "status=429,retry-after=0", "status=500", "status=502", "drop"]
+
+
+def expected_outcome(steps: list[str]) -> tuple[type[Exception] | None, int]:
+    """The error class (None: a Completion) and the number of attempts, by the rules."""
+    for attempt in range(MAX_RETRIES + 1):
+        step = steps[min(attempt, len(steps) - 1)]
+        if step in TERMINAL:
+            return TERMINAL[step], attempt + 1
+    return RetriesExhausted, MAX_RETRIES + 1
+
+
+fault_sequences = st.lists(st.sampled_from([*TERMINAL, *RETRYABLE]), min_size=1, max_size=5)
+
+
+@pytest.mark.anyio
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(fault_sequences, min_size=1, max_size=24), st.integers(1, 8))
+async def test_every_request_ends_once_with_the_right_outcome(
+    sequences: list[list[str]], concurrency: int
+) -> None:
+    config = DummyConfig(
+        max_concurrency=concurrency, max_retries=MAX_RETRIES, backoff_base=0.001, backoff_max=0.01
+    )
+    outcomes: dict[int, list[object]] = {i: [] for i in range(len(sequences))}
+
+    async def one(i: int, server: servescope.Server) -> None:
+        headers = {"x-servescope-fault": "|".join(sequences[i]), "x-servescope-fault-id": str(i)}
+        headers["x-servescope-fault-id"] += uuid.uuid4().hex
+        try:
+            response = await server.request(
+                {"messages": [{"role": "user", "content": "hi"}]}, headers=headers
+            )
+            outcomes[i].append(parse_completion(response))
+        except RequestError as exc:
+            outcomes[i].append(exc)
+
+    with anyio.fail_after(30):
+        async with open_server(config) as server, anyio.create_task_group() as tg:
+            for i in range(len(sequences)):
+                tg.start_soon(one, i, server)
+        metrics = server.metrics
+        assert server._dummy_app is not None
+        stats = server._dummy_app.stats()
+    total_attempts = 0
+    for i, steps in enumerate(sequences):
+        (outcome,) = outcomes[i]  # exactly once
+        kind, attempts = expected_outcome(steps)
+        total_attempts += attempts
+        if kind is None:
+            assert isinstance(outcome, servescope.Completion), (steps, outcome)
+        else:
+            assert type(outcome) is kind, (steps, outcome)
+        if isinstance(outcome, RetriesExhausted):
+            assert isinstance(outcome.__cause__, RequestError)
+    assert metrics.started == len(sequences)
+    assert metrics.succeeded + metrics.failed == len(sequences)
+    assert metrics.retried == total_attempts - len(sequences)
+    assert stats["max_in_flight"] <= concurrency + 1  # + the readiness probe
+    assert stats["in_flight"] == 0
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_honoured_and_slot_released() -> None:
+    config = DummyConfig(max_concurrency=1, backoff_base=0.001, backoff_max=0.001)
+    async with open_server(config) as server:
+        await server.wait_ready()
+        finished: dict[str, float] = {}
+        start = anyio.current_time()
+
+        async def slow_to_retry() -> None:
+            headers = {
+                "x-servescope-fault": "status=503,retry-after=0.5|ok",
+                "x-servescope-fault-id": uuid.uuid4().hex,
+            }
+            await server.request({"messages": [{"role": "user", "content": "a"}]}, headers=headers)
+            finished["retried"] = anyio.current_time() - start
+
+        async def plain() -> None:
+            await anyio.sleep(0.1)  # let the first one get its 503 and start sleeping
+            await server.chat([{"role": "user", "content": "b"}])
+            finished["plain"] = anyio.current_time() - start
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow_to_retry)
+            tg.start_soon(plain)
+    assert finished["retried"] >= 0.5
+    assert finished["plain"] < 0.4  # it did not wait for the sleeping request's slot
+    assert server.metrics.retried == 1
+
+
+@pytest.mark.anyio
+async def test_requests_fail_fast_after_the_server_failed() -> None:
+    from .conftest import dummy_process
+
+    config = dummy_process("--exit-after", "1.0")
+    with anyio.fail_after(20), pytest.raises(servescope.ServerCrashed) as info:
+        async with open_server(config) as server:
+            await server.wait_ready()
+            await anyio.sleep(10)
+    with pytest.raises(servescope.ServerCrashed) as again:
+        await server.chat([{"role": "user", "content": "hi"}])
+    assert again.value is info.value
+
+
+@pytest.mark.anyio
+async def test_seeded_fault_schedule() -> None:
+    config = DummyConfig(
+        faults=("status=503",), fault_rate=0.5, fault_seed=7, backoff_base=0.001, max_retries=20
+    )
+    async with open_server(config) as server:
+        for _ in range(20):
+            await server.chat([{"role": "user", "content": "x"}])
+        assert 0 < server.metrics.retried < 60
+        assert server.metrics.succeeded == 20
+        assert server.metrics.latency_p50 is not None
+        assert server.metrics.completion_tokens == 2000
