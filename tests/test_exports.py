@@ -6,6 +6,8 @@ import servescope
 
 EXPECTED = {
     "BadRequest",
+    "EndpointConfig",
+    "MetricsSnapshot",
     "Completion",
     "ConfigError",
     "CustomConfig",

@@ -13,11 +13,13 @@ from ._errors import ServeError as ServeError
 from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError
+from ._metrics import MetricsSnapshot as MetricsSnapshot
 from ._responses import Completion as Completion
 from ._responses import Usage as Usage
 from ._server import Server as Server
 from ._server import open_server as open_server
 from .backends.custom import CustomConfig as CustomConfig
 from .backends.dummy import DummyConfig as DummyConfig
+from .backends.endpoint import EndpointConfig as EndpointConfig
 
 __version__ = "0.1.0"

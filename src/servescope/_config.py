@@ -81,6 +81,10 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
         return patterns
 
+    def client_options(self) -> dict[str, Any]:
+        """httpx client settings: a local server is reached directly, never via a proxy."""
+        return {"trust_env": False}
+
     @classmethod
     def build(cls, values: Mapping[str, Any]) -> ServerConfig:
         """Validate a mapping into this config, raising ``ConfigError`` on bad input."""

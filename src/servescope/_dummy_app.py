@@ -39,6 +39,7 @@ class DummySettings:
     text: str = DEFAULT_TEXT
     completion_tokens: int = 100
     latency: float = 0.0
+    api_key: str | None = None  # if set, /v1/ routes require "Authorization: Bearer KEY"
 
 
 class _HTTPError(Exception):
@@ -104,7 +105,9 @@ class DummyApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         try:
-            fault = self._fault(dict(scope["headers"]), path)
+            headers = dict(scope["headers"])
+            self._authorize(headers, path)
+            fault = self._fault(headers, path)
             body = await _read_body(receive)
             if fault.delay:
                 await anyio.sleep(fault.delay)
@@ -120,6 +123,13 @@ class DummyApp:
             await _send_events(send, payload)
         else:
             await _send_json(send, status, payload, fault)
+
+    def _authorize(self, headers: dict[bytes, bytes], path: str) -> None:
+        key = self.settings.api_key
+        if key is None or not path.startswith("/v1/"):
+            return
+        if headers.get(b"authorization", b"") != f"Bearer {key}".encode():
+            raise _HTTPError(401, "invalid or missing API key", "authentication_error")
 
     def _fault(self, headers: dict[bytes, bytes], path: str) -> Fault:
         directives = headers.get(b"x-servescope-fault")

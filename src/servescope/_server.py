@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from ._responses import Completion
 from ._serverlog import ServerLog
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
+from .backends.endpoint import EndpointConfig
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -158,7 +160,7 @@ async def open_server(
     timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
     try:
         async with (
-            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client,
+            httpx.AsyncClient(limits=limits, timeout=timeout, **config.client_options()) as client,
             anyio.create_task_group() as tg,
         ):
             server._pool = RequestPool(
@@ -258,6 +260,8 @@ class _Supervisor:
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         if isinstance(self.config, DummyConfig):
             await self._run_dummy(self.config, task_status)
+        elif isinstance(self.config, EndpointConfig):
+            await self._check_endpoint(self.config, task_status)
         elif isinstance(self.config, ProcessConfig):
             await self._run_process(self.config, task_status)
         else:
@@ -284,6 +288,30 @@ class _Supervisor:
             attempt = _Attempt(tg, PatternTable())
             attempt.wake.set()
             tg.start_soon(self._poll_ready, "/v1/models", attempt)
+
+    # -- an external endpoint -------------------------------------------------------------
+
+    async def _check_endpoint(self, config: EndpointConfig, task_status: TaskStatus[None]) -> None:
+        """Entering waits for this check: there is no process to prepare work beside."""
+        self.server._base_url = config.root_url()
+        problem = await self._endpoint_problem(config, self.server.base_url + "/v1/models")
+        if problem is not None:
+            raise ServerStartError(problem)
+        self.set_ready()
+        task_status.started()
+
+    async def _endpoint_problem(self, config: EndpointConfig, url: str) -> str | None:
+        try:
+            response = await self.client.get(url, timeout=PROBE_TIMEOUT + config.connect_timeout)
+        except httpx.HTTPError as exc:
+            return _connect_problem(url, exc)
+        if response.status_code in (401, 403):
+            return f"{url} rejected the API key ({response.status_code})"
+        if response.status_code == 404:
+            return f"no OpenAI API at {config.url}: GET /v1/models answered 404"
+        if response.status_code != 200:
+            return f"{url} answered {response.status_code}: {response.text[:200]!r}"
+        return None
 
     # -- launched processes ---------------------------------------------------------------
 
@@ -383,6 +411,28 @@ class _Supervisor:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+
+def _connect_problem(url: str, exc: BaseException) -> str:
+    tls = _find_in_chain(exc, ssl.SSLError)
+    if tls is not None:
+        return f"TLS verification failed for {url}: {tls} (ca_bundle names a CA to trust)"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer from {url} in time"
+    return f"cannot connect to {url}: {text}"
+
+
+def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` among ``exc`` and its causes and contexts (they nest by backend)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _describe_exit(code: int) -> str:

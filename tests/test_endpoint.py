@@ -1,0 +1,96 @@
+"""The endpoint backend against a dummy served over HTTP and HTTPS (trustme certificates)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+import trustme
+
+from servescope import EndpointConfig, ServerStartError, open_server
+from servescope._asgi import listen_socket, serve_asgi
+from servescope._dummy_app import DummyApp, DummySettings
+
+pytestmark = pytest.mark.anyio
+KEY = "sk-test-5f1e9a-very-secret"
+
+
+@asynccontextmanager
+async def external_dummy(ca: trustme.CA | None = None) -> AsyncIterator[str]:
+    """A dummy on 127.0.0.1 that requires the API key, over TLS if ``ca`` is given."""
+    sock = listen_socket()
+    tls = None
+    if ca is not None:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(tls)
+    app = DummyApp(DummySettings(api_key=KEY))
+    scheme = "https" if ca else "http"
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: serve_asgi(app, sock, tls=tls, task_status=task_status))
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}/v1"
+        tg.cancel_scope.cancel()
+
+
+async def test_endpoint_over_https_with_ca_bundle(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    async with external_dummy(ca) as url:
+        config = EndpointConfig(url=url, api_key=KEY, ca_bundle=bundle, model="m")
+        async with open_server(config) as server:
+            await server.wait_ready()
+            out = await server.chat([{"role": "user", "content": "hi"}], max_tokens=3)
+            assert out.usage.completion_tokens == 3
+            assert server.base_url == url.removesuffix("/v1")
+
+
+async def test_wrong_ca_fails_clearly(tmp_path: Path) -> None:
+    bundle = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    async with external_dummy(trustme.CA()) as url:
+        config = EndpointConfig(url=url, api_key=KEY, ca_bundle=bundle, model="m")
+        with pytest.raises(ServerStartError, match="TLS verification failed") as info:
+            async with open_server(config) as server:
+                await server.wait_ready()
+    assert KEY not in str(info.value)
+
+
+async def test_system_cas_do_not_trust_a_private_ca() -> None:
+    async with external_dummy(trustme.CA()) as url:
+        with pytest.raises(ServerStartError, match="TLS verification failed"):
+            async with open_server(EndpointConfig(url=url, api_key=KEY, model="m")):
+                pass
+
+
+async def test_rejected_key_and_missing_api() -> None:
+    async with external_dummy() as url:
+        with pytest.raises(ServerStartError, match=r"rejected the API key \(401\)") as info:
+            async with open_server(EndpointConfig(url=url, api_key="sk-wrong", model="m")):
+                pass
+        assert "sk-wrong" not in str(info.value)
+        with pytest.raises(ServerStartError, match=r"no OpenAI API at .* 404"):
+            config = EndpointConfig(url=url + "/nothing-here", api_key=KEY, model="m")
+            async with open_server(config):
+                pass
+
+
+async def test_refused_connection() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        with anyio.fail_after(10), pytest.raises(ServerStartError, match="cannot connect to"):
+            async with open_server(EndpointConfig(url=f"http://127.0.0.1:{port}", model="m")):
+                pass
+
+
+def test_the_key_stays_secret() -> None:
+    config = EndpointConfig(url="https://example.invalid/v1", api_key=KEY, model="m")
+    assert KEY not in repr(config)
+    assert KEY not in str(config)
+    assert KEY not in config.model_dump_json()
