@@ -49,3 +49,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: printed as a table and as JSON (``bench-results/``)."""
     install(session, "test")
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
+    session.run("python", "benchmarks/bench_pool.py")

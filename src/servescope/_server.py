@@ -39,6 +39,7 @@ from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
 from ._responses import Completion
 from ._serverlog import ServerLog
+from ._transport import SlotTransport
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
 from .backends.endpoint import EndpointConfig
@@ -156,11 +157,14 @@ async def open_server(
     """
     log = ServerLog(rank=rank, node=node, log_dir=config.log_dir, tail_lines=config.log_tail_lines)
     server = Server(config, rank=rank, node=node, log=log)
-    limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=None)
     timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
+    options = config.client_options()
+    verify = options.pop("verify", True)
+    ssl_context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify)
+    transport = SlotTransport(ssl_context=ssl_context)
     try:
         async with (
-            httpx.AsyncClient(limits=limits, timeout=timeout, **config.client_options()) as client,
+            httpx.AsyncClient(transport=transport, timeout=timeout, **options) as client,
             anyio.create_task_group() as tg,
         ):
             server._pool = RequestPool(

@@ -1,0 +1,129 @@
+"""Request throughput: ``server.request`` against two baselines, side by side.
+
+The dummy runs as a separate process (``python -m servescope.dummy``) so client and
+server do not share an event loop. At each concurrency, the same number of chat
+requests goes through:
+
+* ``servescope``: ``server.request`` (request pool + its slot transport);
+* ``httpx default``: a default ``httpx.AsyncClient`` (connection limit = concurrency);
+* ``conn per request``: a raw HTTP/1.1 POST on a new TCP connection per request
+  (datatrove's ``_raw_post`` pattern).
+
+Reports requests/s, client CPU seconds per 1,000 requests and errors.
+
+Usage: python benchmarks/bench_pool.py [--requests N] [--concurrency 1,64,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+
+import servescope
+import servescope.dummy
+
+DUMMY = Path(servescope.dummy.__file__)
+BODY = json.dumps({"model": "dummy", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+Send = Callable[[], Awaitable[None]]
+
+
+async def drive(send: Send, total: int, concurrency: int) -> dict[str, float]:
+    errors = 0
+    left = total
+
+    async def worker() -> None:
+        nonlocal left, errors
+        while left > 0:
+            left -= 1
+            try:
+                await send()
+            except Exception:
+                errors += 1
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"rps": total / wall, "cpu_s_per_1000": cpu / total * 1000, "errors": errors}
+
+
+async def raw_post(host: str, port: int) -> None:
+    async with await anyio.connect_tcp(host, port) as stream:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        await stream.send(head.encode() + BODY)
+        data = b""
+        try:
+            while True:
+                data += await stream.receive()
+        except anyio.EndOfStream:
+            pass
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(data[:100])
+
+
+async def run(total: int, levels: list[int]) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    config = servescope.CustomConfig(
+        script=DUMMY, extra_args=("--completion-tokens", "1"), max_concurrency=max(levels)
+    )
+    async with servescope.open_server(config) as server:
+        await server.wait_ready()
+        url = server.base_url + "/v1/chat/completions"
+        port = int(server.base_url.rsplit(":", 1)[1])
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        for level in levels:
+
+            async def ours() -> None:
+                await server.request(payload)
+
+            results[f"servescope @ {level}"] = await drive(ours, total, level)
+            limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
+            async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=60) as client:
+
+                async def default() -> None:
+                    response = await client.post(
+                        url, content=BODY, headers={"content-type": "application/json"}
+                    )
+                    response.raise_for_status()
+
+                results[f"httpx default @ {level}"] = await drive(default, total, level)
+
+            async def per_request() -> None:
+                await raw_post("127.0.0.1", port)
+
+            results[f"conn per request @ {level}"] = await drive(per_request, total, level)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", default="1,64,512")
+    parser.add_argument("--backend", default="asyncio")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/pool.json"))
+    options = parser.parse_args()
+    levels = [int(level) for level in options.concurrency.split(",")]
+    results = anyio.run(run, options.requests, levels, backend=options.backend)
+    print(f"{'client @ in flight':<28} {'req/s':>9} {'CPU s/1000':>11} {'errors':>7}")
+    for name, row in results.items():
+        print(f"{name:<28} {row['rps']:>9.0f} {row['cpu_s_per_1000']:>11.3f} {row['errors']:>7.0f}")
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"requests": options.requests, "backend": options.backend, "results": results}
+    options.out.write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload))
+
+
+if __name__ == "__main__":
+    main()
