@@ -242,3 +242,15 @@ async def test_seeded_fault_schedule() -> None:
         assert server.metrics.succeeded == 20
         assert server.metrics.latency_p50 is not None
         assert server.metrics.completion_tokens == 2000
+
+
+@pytest.mark.anyio
+async def test_request_timeout_is_retried_then_exhausted() -> None:
+    config = DummyConfig(request_timeout=0.2, max_retries=1, backoff_base=0.001)
+    headers = {"x-servescope-fault": "slow-body=2"}
+    async with open_server(config) as server:
+        with anyio.fail_after(5), pytest.raises(RetriesExhausted) as info:
+            await server.request({"messages": [{"role": "user", "content": "x"}]}, headers=headers)
+        assert isinstance(info.value.__cause__, servescope.RequestTimeout)
+        assert server.metrics.retried == 1
+        assert server.metrics.failed == 1
