@@ -159,9 +159,7 @@ async def open_server(
     server = Server(config, rank=rank, node=node, log=log)
     timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
     options = config.client_options()
-    verify = options.pop("verify", True)
-    ssl_context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify)
-    transport = SlotTransport(ssl_context=ssl_context)
+    transport = SlotTransport(ssl_context=_ssl_context(options.pop("verify", None)))
     try:
         async with (
             httpx.AsyncClient(transport=transport, timeout=timeout, **options) as client,
@@ -189,6 +187,13 @@ async def open_server(
     if server._failure is not None:
         # Our own cancellation is still the "exception being handled" here: hide it.
         raise server._failure from server._failure.__cause__
+
+
+def _ssl_context(verify: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The TLS context for a config that asks for one; local servers speak plain HTTP."""
+    if verify is None or isinstance(verify, ssl.SSLContext):
+        return verify
+    return httpx.create_ssl_context(verify)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
