@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,8 @@ import trustme
 from servescope import EndpointConfig, ServerStartError, open_server
 from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DummyApp, DummySettings
+
+from .test_transport import always, raw_server
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test-5f1e9a-very-secret"
@@ -94,3 +97,24 @@ def test_the_key_stays_secret() -> None:
     assert KEY not in repr(config)
     assert KEY not in str(config)
     assert KEY not in config.model_dump_json()
+
+
+async def test_endpoint_through_a_proxy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``trust_env`` (the default), requests go through ``HTTP_PROXY`` as httpx sends them."""
+    body = json.dumps({"choices": [{"message": {"content": "via proxy"}, "finish_reason": "stop"}]})
+    answer = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode()
+    async with raw_server(always(answer)) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        config = EndpointConfig(url="http://api.example.invalid/v1", api_key=KEY, model="m")
+        async with open_server(config) as server:
+            out = await server.chat([{"role": "user", "content": "hi"}])
+    assert out.text == "via proxy"
+    targets = [head.split(b" ")[:2] for head in proxy.requests]
+    assert targets == [
+        [b"GET", b"http://api.example.invalid/v1/models"],
+        [b"POST", b"http://api.example.invalid/v1/chat/completions"],
+    ]
+    auth = f"authorization: bearer {KEY}".lower().encode()
+    assert all(auth in head.lower() for head in proxy.requests)

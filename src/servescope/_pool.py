@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -34,11 +34,20 @@ from ._responses import (
     usage_of,
 )
 from ._retry import parse_retry_after, retry_delay
+from ._transport import Reply
 
-__all__ = ["RequestPool"]
+__all__ = ["Post", "RequestPool"]
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+
+
+class Post(Protocol):
+    """Sends one POST and returns the whole reply (``SlotTransport.post`` or a client's)."""
+
+    def __call__(
+        self, url: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Awaitable[Reply]: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class _Retry:
 
 
 class RequestPool:
-    """Posts OpenAI requests to one server through one keep-alive httpx client.
+    """Posts OpenAI requests to one server over keep-alive connections (``post``).
 
     ``base_url``, ``wait_ready`` and ``check_open`` come from the server scope:
     requests wait for readiness by themselves, see the current address after a
@@ -59,15 +68,17 @@ class RequestPool:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        post: Post,
         config: ServerConfig,
         *,
+        headers: Mapping[str, str],
         base_url: Callable[[], str],
         wait_ready: Callable[[], Awaitable[None]],
         check_open: Callable[[], None],
         rng: random.Random | None = None,
     ) -> None:
-        self._client = client
+        self._post = post
+        self._headers = [(key.lower().encode(), value.encode()) for key, value in headers.items()]
         self._config = config
         self._base_url = base_url
         self._wait_ready = wait_ready
@@ -150,20 +161,26 @@ class RequestPool:
     async def _attempt(
         self, path: str, body: bytes, headers: Mapping[str, str]
     ) -> dict[str, Any] | _Retry:
-        request_headers = {"content-type": "application/json", **headers}
+        request_headers = self._headers
+        if headers:
+            extra = {key.lower().encode(): value.encode() for key, value in headers.items()}
+            request_headers = [item for item in request_headers if item[0] not in extra]
+            request_headers += extra.items()
+        limit = self._config.request_timeout
         try:
-            response = await self._client.post(
-                self._base_url() + path, content=body, headers=request_headers
-            )
+            with anyio.fail_after(limit):
+                reply = await self._post(self._base_url() + path, body, request_headers)
+        except TimeoutError:
+            return _Retry(RequestTimeout(f"no complete answer from {path} within {limit:g} s"))
         except httpx.TimeoutException as exc:
-            return _Retry(RequestTimeout(f"no answer from {path} in time ({exc!r})"))
+            return _Retry(RequestTimeout(f"no answer from {path} in time ({exc})"))
         except httpx.TransportError as exc:
             return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))
-        error = classify_status(response.status_code, response.content)
+        error = classify_status(reply.status, reply.content)
         if error is not None:
             raise error
-        if response.status_code >= 300:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            message = f"server answered {response.status_code} to {path}"
+        if reply.status >= 300:
+            retry_after = parse_retry_after(reply.header(b"retry-after"))
+            message = f"server answered {reply.status} to {path}"
             return _Retry(RequestError(message), retry_after)
-        return parse_json(response.content)
+        return parse_json(reply.content)

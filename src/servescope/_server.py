@@ -20,6 +20,8 @@ import shlex
 import signal
 import ssl
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,12 +36,12 @@ from ._dummy_app import DummyApp
 from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
 from ._logscan import LineKind, LineSplitter, PatternTable
 from ._metrics import MetricsSnapshot
-from ._pool import RequestPool
+from ._pool import Post, RequestPool
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
 from ._responses import Completion
 from ._serverlog import ServerLog
-from ._transport import SlotTransport
+from ._transport import Reply, SlotTransport
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
 from .backends.endpoint import EndpointConfig
@@ -157,17 +159,13 @@ async def open_server(
     """
     log = ServerLog(rank=rank, node=node, log_dir=config.log_dir, tail_lines=config.log_tail_lines)
     server = Server(config, rank=rank, node=node, log=log)
-    timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
-    options = config.client_options()
-    transport = SlotTransport(ssl_context=_ssl_context(options.pop("verify", None)))
+    client, post, headers = _http_client(config)
     try:
-        async with (
-            httpx.AsyncClient(transport=transport, timeout=timeout, **options) as client,
-            anyio.create_task_group() as tg,
-        ):
+        async with client, anyio.create_task_group() as tg:
             server._pool = RequestPool(
-                client,
+                post,
                 config,
+                headers=headers,
                 base_url=lambda: server.base_url,
                 wait_ready=server.wait_ready,
                 check_open=server._check_open,
@@ -194,6 +192,49 @@ def _ssl_context(verify: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
     if verify is None or isinstance(verify, ssl.SSLContext):
         return verify
     return httpx.create_ssl_context(verify)
+
+
+def _http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[str, str]]:
+    """The httpx client (probes, checks), how the pool posts, and the headers it adds.
+
+    Normally both go over one ``SlotTransport``. An endpoint reached through a proxy from
+    the environment uses httpx's own transport, which is what speaks to proxies.
+    """
+    timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
+    options = config.client_options()
+    headers: Mapping[str, str] = options.get("headers", {})
+    if _proxied(config, options):
+        slots = config.max_concurrency
+        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+        client = httpx.AsyncClient(timeout=timeout, limits=limits, **options)
+        return client, _client_post(client), {}
+    transport = SlotTransport(
+        ssl_context=_ssl_context(options.pop("verify", None)),
+        connect_timeout=config.connect_timeout,
+    )
+    client = httpx.AsyncClient(transport=transport, timeout=timeout, **options)
+    return client, transport.post, headers
+
+
+def _proxied(config: ServerConfig, options: Mapping[str, Any]) -> bool:
+    """Whether httpx would send this server's requests through a proxy from the environment."""
+    if not options.get("trust_env", True) or not isinstance(config, EndpointConfig):
+        return False
+    host = urllib.parse.urlsplit(config.url).hostname or ""
+    scheme = urllib.parse.urlsplit(config.url).scheme
+    proxies = urllib.request.getproxies_environment()
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
+
+
+def _client_post(client: httpx.AsyncClient) -> Post:
+    """Post through ``client`` (and so through its proxies); the pool's ``Post``."""
+
+    async def post(url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
+        json_headers = [(b"content-type", b"application/json"), *headers]
+        response = await client.post(url, content=body, headers=json_headers)
+        return Reply(response.status_code, response.headers.raw, response.content)
+
+    return post
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -1,121 +1,279 @@
-"""An httpx transport that stays fast at hundreds of requests in flight.
+"""The HTTP client under the request pool: keep-alive HTTP/1.1 connections, one per slot.
 
 httpx's default connection pool scans its connection list on every request and
-wake-up, so its cost grows with concurrency (measured here against hypercorn:
-~650 requests/s at 8 in flight, ~180 at 256). The request pool already bounds
-requests in flight with a ``CapacityLimiter``, so the transport only needs a stack
-of idle keep-alive connections per origin: a request pops one (or opens one), uses
-it, and pushes it back if it is still reusable. At most ``max_concurrency``
-connections exist, each used by one request at a time.
+wake-up, so its cost grows with concurrency (measured here against hypercorn: ~650
+requests/s at 8 in flight, ~180 at 256), and httpcore's connection still takes
+several locks and timeouts per request. The request pool already bounds requests in
+flight, so all this transport keeps is a stack of idle connections per origin: a
+request pops one (or opens one), does one exchange on it, and pushes it back when
+it is reusable. Each connection is h11's HTTP/1.1 state machine (the one httpx uses)
+over an anyio byte stream; a whole exchange is one write and a few reads under one
+deadline. ``benchmarks/bench_pool.py`` measures it against httpx and against a new
+connection per request.
 
-Bodies are read whole before returning (completion responses are small), so a
-connection is always back on its stack, or closed, when the call returns.
+``SlotTransport.post`` is the pool's fast path (bytes in, ``Reply`` out); it is also an
+``httpx.AsyncBaseTransport``, so probes and users of ``httpx.AsyncClient`` get the same
+connections. Errors are httpx's exception classes either way. Bodies are read whole
+(completion responses are small, and capped at ``MAX_BODY``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import select
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
-import httpcore
+import anyio.abc
+import h11
 import httpx
 
-__all__ = ["SlotTransport"]
+__all__ = ["MAX_BODY", "Reply", "SlotTransport"]
 
-_EXCEPTIONS: list[tuple[type[Exception], type[httpx.TransportError]]] = [
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-]
+MAX_BODY = 64 * 1024 * 1024
+"""A response body larger than this is a protocol error (a server that lies about sizes)."""
+
+_READ_SIZE = 65536
+_USER_AGENT = b"servescope"
+
+Origin = tuple[str, str, int]  # scheme, host, port
+Headers = list[tuple[bytes, bytes]]
 
 
-@contextlib.contextmanager
-def _httpx_errors(request: httpx.Request) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        for core, mapped in _EXCEPTIONS:
-            if isinstance(exc, core):
-                raise mapped(str(exc) or type(exc).__name__, request=request) from exc
-        raise
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP response, read whole."""
+
+    status: int
+    headers: Headers
+    content: bytes
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), if any."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+
+class _Connection:
+    """One HTTP/1.1 connection: h11's state machine over an anyio byte stream."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, sock: Any) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self.idle_since = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        """Between exchanges, with the keep-alive cycle restarted."""
+        return self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
+
+    def reusable(self, keepalive_expiry: float) -> bool:
+        """Idle, not expired, and not closed (or sending) from the server's side."""
+        if not self.idle or time.monotonic() - self.idle_since > keepalive_expiry:
+            return False
+        if self.sock is None:
+            return True
+        try:  # readable while idle means EOF or junk: either way, not reusable
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
+        """Send one request and read its whole response."""
+        conn = self.h11
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        data = b"".join(conn.send(event) or b"" for event in events)
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
+        status, response_headers, chunks, size = 0, [], [], 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(f"broken HTTP response: {exc}") from exc
+            if event is h11.NEED_DATA:
+                try:
+                    received = await self.stream.receive(_READ_SIZE)
+                except anyio.EndOfStream:
+                    received = b""
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    raise httpx.ReadError(f"reading the response failed: {exc!r}") from exc
+                if not received and not status:
+                    message = "server closed the connection without answering"
+                    raise httpx.RemoteProtocolError(message)
+                conn.receive_data(received)
+            elif isinstance(event, h11.Response):
+                status, response_headers = event.status_code, list(event.headers)
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY:
+                    raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("server disconnected without a complete response")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self.idle_since = time.monotonic()
+        return Reply(status, response_headers, b"".join(chunks))
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
 
 
 class SlotTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 connections reused last-in first-out, one request each at a time."""
 
     def __init__(
-        self, *, ssl_context: ssl.SSLContext | None = None, keepalive_expiry: float = 30.0
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float | None = 10.0,
+        keepalive_expiry: float = 4.0,
     ) -> None:
+        # uvicorn (vLLM, SGLang) and hypercorn close idle connections after 5 s: expire first.
         self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
         self._keepalive_expiry = keepalive_expiry
-        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._origins: dict[str, tuple[Origin, bytes]] = {}
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        port = url.port or _default_port(url)
-        origin = (url.raw_scheme, url.raw_host, port)  # httpcore.Origin is not hashable
-        connection = await self._take(origin)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Reply:
+        """POST ``body`` (JSON) to ``url``; the whole reply (the caller bounds the time)."""
+        origin, target = self._split(url)
+        request_headers = [
+            (b"host", _host_header(origin)),
+            (b"user-agent", _USER_AGENT),
+            (b"content-type", b"application/json"),
+            *headers,
+        ]
+        return await self.send(origin, b"POST", target, request_headers, body)
+
+    async def send(
+        self,
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: bytes,
+    ) -> Reply:
+        """One exchange on an idle connection to ``origin`` (or a new one).
+
+        A failure after the request was sent is not retried here (the server may have
+        acted on it): the pool decides. Connections the server closed while idle are
+        found before reuse (their socket reads as readable) and dropped.
+        """
+        connection = await self._take(origin) or await self._connect(origin)
         try:
-            with _httpx_errors(request):
-                response = await connection.handle_async_request(core_request)
-                content = await response.aread()
-                await response.aclose()
+            reply = await connection.exchange(method, target, headers, body)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await connection.aclose()
+            await connection.aclose()
             raise
-        if connection.is_available():
+        if connection.idle:
             self._idle.setdefault(origin, []).append(connection)
         else:
             await connection.aclose()
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            content=content,
-            extensions=response.extensions,
-        )
+        return reply
 
-    async def _take(self, origin: tuple[bytes, bytes, int]) -> httpcore.AsyncHTTPConnection:
-        idle = self._idle.get(origin, [])
+    async def _take(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if connection.is_available() and not connection.has_expired():
+            if connection.reusable(self._keepalive_expiry):
                 return connection
             await connection.aclose()
-        return httpcore.AsyncHTTPConnection(
-            httpcore.Origin(*origin),
-            ssl_context=self._ssl_context,
-            keepalive_expiry=self._keepalive_expiry,
-        )
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        scheme, host, port = origin
+        context = None
+        if scheme == "https":
+            context = self._ssl_context = self._ssl_context or httpx.create_ssl_context()
+        try:
+            with anyio.fail_after(self._connect_timeout):
+                stream: anyio.abc.ByteStream
+                if context is None:
+                    stream = await anyio.connect_tcp(host, port)
+                else:
+                    stream = await anyio.connect_tcp(
+                        host, port, ssl_context=context, tls_standard_compatible=False
+                    )
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except (OSError, anyio.BrokenResourceError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        return _Connection(stream, stream.extra(anyio.abc.SocketAttribute.raw_socket, None))
+
+    def _split(self, url: str) -> tuple[Origin, bytes]:
+        known = self._origins.get(url)
+        if known is None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url!r}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            known = (parts.scheme, parts.hostname, port), target.encode()
+            if len(self._origins) < 256:
+                self._origins[url] = known
+        return known
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """httpx's transport interface, over the same connections."""
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        if origin[0] not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url}", request=request)
+        body = await request.aread()
+        headers = [
+            (key, value)
+            for key, value in request.headers.raw
+            if key.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
+        limit = timeouts.get("read")
+        method = request.method.encode()
+        try:
+            with anyio.fail_after(limit):
+                reply = await self.send(origin, method, url.raw_path, headers, body)
+        except TimeoutError as exc:
+            message = f"no complete answer within {limit:g} s"
+            raise httpx.ReadTimeout(message, request=request) from exc
+        except httpx.TransportError as exc:
+            exc.request = request
+            raise
+        return httpx.Response(reply.status, headers=reply.headers, content=reply.content)
 
     async def aclose(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, {}
-        with anyio.CancelScope(shield=True):
-            for connections in idle.values():
-                for connection in connections:
-                    await connection.aclose()
+        for connections in idle.values():
+            for connection in connections:
+                await connection.aclose()
 
 
-def _default_port(url: httpx.URL) -> int:
-    return 443 if url.scheme == "https" else 80
+def _host_header(origin: Origin) -> bytes:
+    scheme, host, port = origin
+    default = 443 if scheme == "https" else 80
+    host = f"[{host}]" if ":" in host else host
+    return (host if port == default else f"{host}:{port}").encode()

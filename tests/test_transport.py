@@ -1,0 +1,189 @@
+"""The slot transport against a raw TCP server that answers exactly what a test scripts."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+
+from servescope import _transport
+from servescope._transport import SlotTransport
+
+pytestmark = pytest.mark.anyio
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+# Given the connection number (0, 1, ...) and the request number on it, the bytes to
+# send back and whether to close the connection afterwards.
+Script = Callable[[int, int], tuple[bytes, bool]]
+
+
+class RawServer:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        number, served = self.connections, 0
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        buffer += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        return
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    key, _, value = line.partition(b":")
+                    if key.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    buffer += await stream.receive()
+                self.requests.append(head)
+                buffer = buffer[length:]
+                answer, close = self.script(number, served)
+                served += 1
+                await stream.send(answer)
+                if close:
+                    return
+
+
+@asynccontextmanager
+async def raw_server(script: Script) -> AsyncIterator[RawServer]:
+    server = RawServer(script)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    server.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server.handle)
+        yield server
+        tg.cancel_scope.cancel()
+
+
+def always(answer: bytes, close: bool = False) -> Script:
+    return lambda connection, request: (answer, close)
+
+
+async def test_keep_alive_reuses_one_connection() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        for _ in range(3):
+            reply = await transport.post(f"http://127.0.0.1:{server.port}/v1/x", b"{}")
+            assert (reply.status, reply.content) == (200, b"{}")
+        await transport.aclose()
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1")
+    assert f"host: 127.0.0.1:{server.port}".encode() in server.requests[0]
+
+
+async def test_connection_closed_by_server_while_idle_is_not_reused() -> None:
+    async with raw_server(always(OK, close=True)) as server:
+        transport = SlotTransport()
+        for _ in range(3):
+            await anyio.sleep(0.05)  # let the server's FIN arrive
+            reply = await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+            assert reply.status == 200
+        await transport.aclose()
+    assert server.connections == 3
+
+
+async def test_connection_close_header_is_honoured() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    async with raw_server(always(answer)) as server:
+        transport = SlotTransport()
+        await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        assert transport._idle.get(("http", "127.0.0.1", server.port), []) == []
+        await transport.aclose()
+
+
+async def test_expired_connection_is_replaced() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport(keepalive_expiry=0.05)
+        await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        await anyio.sleep(0.1)
+        await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        await transport.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "broken HTTP response"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}", "received 2 bytes, expected 10"),
+        (b"", "closed the connection without answering"),
+    ],
+    ids=["garbage", "truncated", "nothing"],
+)
+async def test_broken_responses_are_protocol_errors(answer: bytes, message: str) -> None:
+    async with raw_server(always(answer, close=True)) as server:
+        transport = SlotTransport()
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        await transport.aclose()
+
+
+async def test_body_larger_than_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_transport, "MAX_BODY", 1000)
+    body = b"x" * 5000
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + body
+    async with raw_server(always(answer)) as server:
+        transport = SlotTransport()
+        with pytest.raises(httpx.RemoteProtocolError, match="over 1000 bytes"):
+            await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        await transport.aclose()
+
+
+async def test_huge_header_is_a_protocol_error() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nx-junk: " + b"a" * 200_000 + b"\r\n\r\n"
+    async with raw_server(always(answer, close=True)) as server:
+        transport = SlotTransport()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        await transport.aclose()
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        transport = SlotTransport()
+        with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{port}"):
+            await transport.post(f"http://127.0.0.1:{port}/", b"{}")
+
+
+async def test_not_an_http_url() -> None:
+    with pytest.raises(httpx.UnsupportedProtocol, match="ftp://"):
+        await SlotTransport().post("ftp://example.invalid/x", b"{}")
+
+
+async def test_as_an_httpx_transport() -> None:
+    answer = b"HTTP/1.1 404 Not Found\r\nx-a: 1\r\ncontent-length: 4\r\n\r\nnope"
+    async with (
+        raw_server(always(answer)) as server,
+        httpx.AsyncClient(transport=SlotTransport(), timeout=5) as client,
+    ):
+        response = await client.get(f"http://127.0.0.1:{server.port}/p?q=1")
+        assert (response.status_code, response.text, response.headers["x-a"]) == (404, "nope", "1")
+        response = await client.post(f"http://127.0.0.1:{server.port}/", json={"a": 1})
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"GET /p?q=1 HTTP/1.1")
+
+
+async def test_httpx_read_timeout_applies_to_the_whole_exchange() -> None:
+    slow = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{"
+    async with (
+        raw_server(always(slow)) as server,
+        httpx.AsyncClient(transport=SlotTransport(), timeout=0.2) as client,
+    ):
+        with pytest.raises(httpx.ReadTimeout, match=r"within 0\.2 s"):
+            await client.get(f"http://127.0.0.1:{server.port}/")
