@@ -244,3 +244,38 @@ async def test_user_fatal_pattern() -> None:
     with anyio.fail_after(20), pytest.raises(ServerStartError, match="engine 2 died"):
         async with open_server(config) as server:
             await server.wait_ready()
+
+
+def test_server_outlives_the_thread_that_started_it() -> None:
+    """Event loops may fork from worker threads (trio's exit after 10 s idle): a thread's
+    exit must not tear the server down (the reaper must not use PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    import threading
+
+    from servescope._process import REAPER
+
+    ours, theirs = socket.socketpair()
+    started: list[subprocess.Popen[bytes]] = []
+    reports: list[str] = []
+
+    def start() -> None:  # the thread lives until the server runs, then exits
+        command = [sys.executable, str(REAPER), str(os.getpid()), "1", "--", "sleep", "30"]
+        started.append(subprocess.Popen(command, stdin=theirs.fileno(), start_new_session=True))
+        reports.append(ours.recv(100).decode())
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    theirs.close()
+    reaper, report = started[0], reports[0]
+    with ours:
+        assert report.startswith("spawned "), report
+        server_pid = int(report.split()[1])
+        time.sleep(0.5)
+        try:
+            assert psutil.pid_exists(server_pid), "the server died with the thread that forked"
+        finally:
+            ours.sendall(b"stop\n")
+            reaper.wait(timeout=10)
+    assert_all_gone([server_pid])

@@ -15,8 +15,12 @@ long enough to kill the server's whole tree:
   ``PR_SET_PDEATHSIG = SIGKILL``, so the server dies if the reaper itself is killed;
 * it tears the tree down — SIGTERM to the group and every descendant, a grace period,
   then SIGKILL until none is left — when the parent asks (``stop``), when the control
-  socket reaches end-of-file (the parent died), or on SIGTERM (its own
-  ``PR_SET_PDEATHSIG``, a second line of defence).
+  socket reaches end-of-file (the parent died: the kernel closed its end), when its
+  parent process id changes (checked every 0.5 s), or on SIGTERM.
+
+The reaper does *not* set ``PR_SET_PDEATHSIG`` on itself: that signal fires when the
+*thread* that forked it exits, and event loops fork from worker threads (trio's idle
+worker threads exit after 10 s, which tore every server down 10 s after its start).
 
 Messages to the parent, one line each: ``spawned PID``, ``error MESSAGE`` (the server
 could not be started), ``exit CODE`` (the server exited; negative: killed by a signal),
@@ -205,7 +209,6 @@ def main(argv: list[str]) -> int:
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != reaper.parent_pid:
         return 1  # the parent died before we could watch it: start nothing
     if not reaper.spawn(command):
