@@ -9,9 +9,14 @@ requests goes through:
 * ``conn per request``: a raw HTTP/1.1 POST on a new TCP connection per request
   (datatrove's ``_raw_post`` pattern).
 
-Reports requests/s, client CPU seconds per 1,000 requests and errors.
+Reports requests/s, client CPU seconds per 1,000 requests and errors. Then memory:
+``--held`` requests (10,000) are sent to a dummy that answers each only after
+``--hold`` seconds; once the dummy reports them all in flight, the growth of the
+client's resident memory divided by their number is the memory per in-flight request
+(task, connection, buffers, the pool's bookkeeping). The same with a bare anyio
+connection per request gives the floor any HTTP/1.1 client on anyio pays.
 
-Usage: python benchmarks/bench_pool.py [--requests N] [--concurrency 1,64,512]
+Usage: python benchmarks/bench_pool.py [--requests N] [--concurrency 1,64,512] [--held N]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psutil
 
 import servescope
 import servescope.dummy
@@ -107,11 +113,69 @@ async def run(total: int, levels: list[int]) -> dict[str, dict[str, float]]:
     return results
 
 
+async def held_memory(held: int, hold: float, raw: bool) -> dict[str, float]:
+    """Client memory per in-flight request with ``held`` requests parked on a slow server.
+
+    ``raw``: the floor, a bare anyio connection per request that sends the request and
+    waits for the answer (no HTTP parsing, pool or retries).
+    """
+    config = servescope.CustomConfig(
+        script=DUMMY,
+        extra_args=("--completion-tokens", "1", "--latency", str(hold)),
+        max_concurrency=held,
+        request_timeout=hold + 120,
+        connect_timeout=60,
+    )
+    me = psutil.Process()
+    payload = {"messages": [{"role": "user", "content": "hi"}]}
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        try:
+            if raw:
+                await raw_post("127.0.0.1", port)
+            else:
+                await server.request(payload)
+        except (servescope.RequestError, RuntimeError, OSError):
+            errors += 1
+
+    async with servescope.open_server(config) as server:
+        await server.wait_ready()
+        port = int(server.base_url.rsplit(":", 1)[1])
+        await server.request(payload)  # warm: imports, first connection
+        stats_url = server.base_url + "/dummy/stats"
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as probe:
+            before = me.memory_info().rss
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(held):
+                    tg.start_soon(one)
+                in_flight = 0
+                while in_flight < held and time.perf_counter() - started < hold:
+                    await anyio.sleep(0.25)
+                    stats = (await probe.get(stats_url)).json()
+                    in_flight = stats["in_flight"] - 1  # not counting this probe
+                during = me.memory_info().rss
+                all_in = time.perf_counter() - started
+            finished = time.perf_counter() - started
+    return {
+        "held": held,
+        "in_flight_at_server": in_flight,
+        "seconds_to_all_in_flight": all_in,
+        "seconds_to_all_done": finished,
+        "kib_per_request": (during - before) / 1024 / held,
+        "errors": errors,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", default="1,64,512")
     parser.add_argument("--backend", default="asyncio")
+    parser.add_argument("--held", type=int, default=10_000)
+    parser.add_argument("--hold", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=Path("bench-results/pool.json"))
     options = parser.parse_args()
     levels = [int(level) for level in options.concurrency.split(",")]
@@ -119,8 +183,22 @@ def main() -> None:
     print(f"{'client @ in flight':<28} {'req/s':>9} {'CPU s/1000':>11} {'errors':>7}")
     for name, row in results.items():
         print(f"{name:<28} {row['rps']:>9.0f} {row['cpu_s_per_1000']:>11.3f} {row['errors']:>7.0f}")
+    memory = {}
+    for name, raw in [("servescope", False), ("bare connection (floor)", True)]:
+        row = anyio.run(held_memory, options.held, options.hold, raw, backend=options.backend)
+        memory[name] = row
+        print(
+            f"memory, {name}: {row['kib_per_request']:.1f} KiB per in-flight request "
+            f"({row['in_flight_at_server']:.0f}/{row['held']:.0f} held at the server after "
+            f"{row['seconds_to_all_in_flight']:.1f} s, errors {row['errors']:.0f})"
+        )
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"requests": options.requests, "backend": options.backend, "results": results}
+    payload = {
+        "requests": options.requests,
+        "backend": options.backend,
+        "results": results,
+        "memory": memory,
+    }
     options.out.write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload))
 

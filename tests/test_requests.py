@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -128,6 +129,15 @@ TERMINAL = {
 RETRYABLE = ["status=503", "status=429,retry-after=0", "status=500", "status=502", "drop"]
 
 
+def open_connections(port: int) -> list[object]:
+    """This process's TCP sockets to or from ``port``."""
+    return [
+        conn
+        for conn in psutil.Process().net_connections(kind="tcp")
+        if port in (conn.laddr[1] if conn.laddr else None, conn.raddr[1] if conn.raddr else None)
+    ]
+
+
 def expected_outcome(steps: list[str]) -> tuple[type[Exception] | None, int]:
     """The error class (None: a Completion) and the number of attempts, by the rules."""
     for attempt in range(MAX_RETRIES + 1):
@@ -162,6 +172,7 @@ async def test_every_request_ends_once_with_the_right_outcome(
         except RequestError as exc:
             outcomes[i].append(exc)
 
+    tasks_before = {task.id for task in anyio.get_running_tasks()}
     with anyio.fail_after(30):
         async with open_server(config) as server, anyio.create_task_group() as tg:
             for i in range(len(sequences)):
@@ -169,6 +180,10 @@ async def test_every_request_ends_once_with_the_right_outcome(
         metrics = server.metrics
         assert server._dummy_app is not None
         stats = server._dummy_app.stats()
+    # Leaving the scope leaves no task and no open connection behind.
+    assert {task.id for task in anyio.get_running_tasks()} <= tasks_before
+    port = int(server.base_url.rsplit(":", 1)[1])
+    assert open_connections(port) == []
     total_attempts = 0
     for i, steps in enumerate(sequences):
         (outcome,) = outcomes[i]  # exactly once

@@ -104,11 +104,42 @@ class RequestPool:
         path = path or (CHAT_PATH if self._config.use_chat else COMPLETIONS_PATH)
         self._check_open()
         self._metrics.started += 1
-        try:
-            return await self._with_retries(path, body.encode(), headers or {})
+        try:  # one frame for the whole retry loop: it is held for every request in flight
+            config, data, started = self._config, body.encode(), None
+            for retry in range(config.max_retries + 1):
+                await self._wait_ready()
+                self._check_open()
+                started = started or time.monotonic()
+                async with self._limiter:
+                    self._metrics.in_flight += 1
+                    try:
+                        outcome = await self._attempt(path, data, headers or {})
+                    finally:
+                        self._metrics.in_flight -= 1
+                if not isinstance(outcome, _Retry):
+                    usage = usage_of(outcome)
+                    latency = time.monotonic() - started
+                    self._metrics.success(latency, usage.prompt_tokens, usage.completion_tokens)
+                    return outcome
+                if retry == config.max_retries:
+                    attempts = config.max_retries + 1
+                    raise RetriesExhausted(
+                        f"{path} failed {attempts} times; last: {outcome.error}"
+                    ) from outcome.error
+                self._metrics.retried += 1
+                delay = retry_delay(
+                    retry,
+                    outcome.retry_after,
+                    base=config.backoff_base,
+                    cap=config.backoff_max,
+                    retry_after_cap=config.retry_after_max,
+                    rng=self._rng,
+                )
+                await anyio.sleep(delay)
         except Exception:
             self._metrics.failed += 1
             raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """A chat completion for ``messages``."""
@@ -121,43 +152,6 @@ class RequestPool:
         response = await self.request({"prompt": prompt, **params}, path=COMPLETIONS_PATH)
         return parse_completion(response)
 
-    async def _with_retries(
-        self, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> dict[str, Any]:
-        config = self._config
-        started: float | None = None
-        for retry in range(config.max_retries + 1):
-            await self._wait_ready()
-            self._check_open()
-            started = started or time.monotonic()
-            async with self._limiter:
-                self._metrics.in_flight += 1
-                try:
-                    outcome = await self._attempt(path, body, headers)
-                finally:
-                    self._metrics.in_flight -= 1
-            if not isinstance(outcome, _Retry):
-                usage = usage_of(outcome)
-                latency = time.monotonic() - started
-                self._metrics.success(latency, usage.prompt_tokens, usage.completion_tokens)
-                return outcome
-            if retry == config.max_retries:
-                attempts = config.max_retries + 1
-                raise RetriesExhausted(
-                    f"{path} failed {attempts} times; last: {outcome.error}"
-                ) from outcome.error
-            self._metrics.retried += 1
-            delay = retry_delay(
-                retry,
-                outcome.retry_after,
-                base=config.backoff_base,
-                cap=config.backoff_max,
-                retry_after_cap=config.retry_after_max,
-                rng=self._rng,
-            )
-            await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
     async def _attempt(
         self, path: str, body: bytes, headers: Mapping[str, str]
     ) -> dict[str, Any] | _Retry:
@@ -167,15 +161,17 @@ class RequestPool:
             request_headers = [item for item in request_headers if item[0] not in extra]
             request_headers += extra.items()
         limit = self._config.request_timeout
+        reply = None
         try:
-            with anyio.fail_after(limit):
+            # A bare CancelScope, not fail_after: lighter per request held in flight.
+            with anyio.CancelScope(deadline=anyio.current_time() + limit):
                 reply = await self._post(self._base_url() + path, body, request_headers)
-        except TimeoutError:
-            return _Retry(RequestTimeout(f"no complete answer from {path} within {limit:g} s"))
         except httpx.TimeoutException as exc:
             return _Retry(RequestTimeout(f"no answer from {path} in time ({exc})"))
         except httpx.TransportError as exc:
             return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))
+        if reply is None:
+            return _Retry(RequestTimeout(f"no complete answer from {path} within {limit:g} s"))
         error = classify_status(reply.status, reply.content)
         if error is not None:
             raise error

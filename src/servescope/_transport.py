@@ -22,7 +22,7 @@ from __future__ import annotations
 import select
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -154,13 +154,16 @@ class SlotTransport(httpx.AsyncBaseTransport):
         self._idle: dict[Origin, list[_Connection]] = {}
         self._origins: dict[str, tuple[Origin, bytes]] = {}
 
-    async def post(
+    def post(
         self,
         url: str,
         body: bytes,
         headers: Iterable[tuple[bytes, bytes]] = (),
-    ) -> Reply:
-        """POST ``body`` (JSON) to ``url``; the whole reply (the caller bounds the time)."""
+    ) -> Coroutine[Any, Any, Reply]:
+        """POST ``body`` (JSON) to ``url``; await the whole reply (the caller bounds the time).
+
+        Not itself a coroutine: one frame less per request held in flight.
+        """
         origin, target = self._split(url)
         request_headers = [
             (b"host", _host_header(origin)),
@@ -168,7 +171,7 @@ class SlotTransport(httpx.AsyncBaseTransport):
             (b"content-type", b"application/json"),
             *headers,
         ]
-        return await self.send(origin, b"POST", target, request_headers, body)
+        return self.send(origin, b"POST", target, request_headers, body)
 
     async def send(
         self,
