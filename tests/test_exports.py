@@ -15,12 +15,14 @@ EXPECTED = {
     "RequestError",
     "RequestTimeout",
     "RetriesExhausted",
+    "SGLangConfig",
     "ServeError",
     "Server",
     "ServerCrashed",
     "ServerError",
     "ServerStartError",
     "Usage",
+    "VLLMConfig",
     "open_server",
 }
 

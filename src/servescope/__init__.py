@@ -21,5 +21,7 @@ from ._server import open_server as open_server
 from .backends.custom import CustomConfig as CustomConfig
 from .backends.dummy import DummyConfig as DummyConfig
 from .backends.endpoint import EndpointConfig as EndpointConfig
+from .backends.sglang import SGLangConfig as SGLangConfig
+from .backends.vllm import VLLMConfig as VLLMConfig
 
 __version__ = "0.1.0"

@@ -76,6 +76,7 @@ class DummyApp:
         self.settings = settings
         self.on_request = on_request
         self.faults = faults or FaultSchedule()
+        self.healthy = True  # False: /health answers 503, as an engine that died
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests = 0
@@ -163,6 +164,8 @@ class DummyApp:
         return 200, await handler(body)
 
     async def _health(self, body: bytes) -> dict[str, Any]:
+        if not self.healthy:
+            raise _HTTPError(503, "engine is not healthy", "server_error")
         return {}
 
     async def _stats(self, body: bytes) -> dict[str, Any]:

@@ -33,11 +33,17 @@ class LineKind(enum.Enum):
 
 @dataclass(frozen=True)
 class LineEvent:
-    """A line that matched one of the backend's patterns."""
+    """A line that matched one of the backend's patterns.
+
+    ``rank`` is the pattern's place in its list: backends list the specific causes
+    (``CUDA out of memory``) before the generic consequences (``EngineCore failed to
+    start``), so of several fatal lines the lowest rank says best what happened.
+    """
 
     kind: LineKind
     pattern: str
     line: str
+    rank: int = 0
 
 
 def compile_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
@@ -87,9 +93,9 @@ class PatternTable:
             (LineKind.FATAL, self.fatal),
             (LineKind.READY, self.ready),
         ):
-            for pattern in patterns:
+            for rank, pattern in enumerate(patterns):
                 if pattern.search(line):
-                    return LineEvent(kind, pattern.pattern, line)
+                    return LineEvent(kind, pattern.pattern, line, rank)
         return None
 
 

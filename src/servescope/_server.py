@@ -22,7 +22,7 @@ import ssl
 import sys
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,10 +31,11 @@ import httpx
 from anyio.abc import ByteReceiveStream, TaskGroup, TaskStatus
 
 from ._asgi import listen_socket, serve_asgi
+from ._compile_lock import CompileLock
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
 from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
-from ._logscan import LineKind, LineSplitter, PatternTable
+from ._logscan import LineEvent, LineKind, LineSplitter, PatternTable
 from ._metrics import MetricsSnapshot
 from ._pool import Post, RequestPool
 from ._ports import pick_port
@@ -56,6 +57,8 @@ PROBE_MAX_DELAY = 2.0
 PROBE_TIMEOUT = 5.0
 #: After the server exits, how long its last output may take to arrive.
 EXIT_DRAIN = 0.25
+#: How long after a fatal line its explanation (traceback, root cause) is still read.
+FATAL_SETTLE = 0.25
 DUMMY_GRACE = 0.2
 
 
@@ -100,20 +103,21 @@ class Server:
         """The last lines the server printed."""
         return self._log.tail()
 
-    async def request(
+    def request(
         self,
         payload: Mapping[str, Any],
         *,
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """POST an OpenAI payload (model and ``default_params`` filled in); the JSON reply.
+    ) -> Coroutine[Any, Any, dict[str, Any]]:
+        """POST an OpenAI payload (model and ``default_params`` filled in); await the JSON reply.
 
         The endpoint is ``/v1/chat/completions`` if the config's ``use_chat`` is set,
         else ``/v1/completions``, unless ``path`` is given. Retryable failures are
         retried with backoff; see ``servescope._pool`` for the classification.
         """
-        return await self._requests().request(payload, path=path, headers=headers)
+        # Not itself a coroutine: one frame less per request held in flight.
+        return self._requests().request(payload, path=path, headers=headers)
 
     @property
     def metrics(self) -> MetricsSnapshot:
@@ -269,6 +273,8 @@ class _Attempt:
         self.tg = tg
         self.patterns = patterns
         self.retry_line: str | None = None
+        self.fatal: LineEvent | None = None
+        self.ready_line_seen = False
         self.wake = anyio.Event()
         self.eof = {"stdout": anyio.Event(), "stderr": anyio.Event()}
 
@@ -289,6 +295,7 @@ class _Supervisor:
         self.closing = False
         self.started_at = anyio.current_time()
         self.deadline = self.started_at + self.config.startup_timeout
+        self.compile_lock: CompileLock | None = None
 
     def fail(self, error: ServerError) -> None:
         """Record the scope's failure (the first one wins) and cancel everything."""
@@ -303,6 +310,10 @@ class _Supervisor:
 
     def set_ready(self) -> None:
         elapsed = anyio.current_time() - self.started_at
+        if self.compile_lock is not None:
+            self.compile_lock.mark_done()  # later jobs start from the warm compile cache
+            self.compile_lock = None
+            self.log.note("compile lock released; configuration marked compiled")
         self.log.ready = True
         self.server._ready.set()
         self.log.note(f"ready at {self.server.base_url} after {elapsed:.2f} s")
@@ -337,7 +348,8 @@ class _Supervisor:
             task_status.started()
             attempt = _Attempt(tg, PatternTable())
             attempt.wake.set()
-            tg.start_soon(self._poll_ready, "/v1/models", attempt)
+            probe_only = ProcessSpec([], PatternTable(), health_path="/v1/models")
+            tg.start_soon(self._poll_ready, probe_only, attempt)
 
     # -- an external endpoint -------------------------------------------------------------
 
@@ -366,11 +378,35 @@ class _Supervisor:
     # -- launched processes ---------------------------------------------------------------
 
     async def _run_process(self, config: ProcessConfig, task_status: TaskStatus[None]) -> None:
+        try:
+            await self._run_attempts(config, task_status)
+        finally:
+            if self.compile_lock is not None:
+                self.compile_lock.release()
+                self.compile_lock = None
+
+    async def _take_compile_lock(self, key: str) -> None:
+        """Wait (cancellable) for this configuration's compile lock unless it is compiled."""
+        lock = CompileLock(key)
+        waited = anyio.current_time()
+
+        def on_wait() -> None:
+            self.log.note(f"waiting for the compile lock {lock.lock_path} (another job compiles)")
+
+        if await lock.acquire(on_wait=on_wait):
+            self.compile_lock = lock
+            self.log.note(f"compile lock {lock.lock_path} taken: this job compiles first")
+        # The wait was for someone else's start-up: it does not count against ours.
+        self.deadline += anyio.current_time() - waited
+
+    async def _run_attempts(self, config: ProcessConfig, task_status: TaskStatus[None]) -> None:
         tried: set[int] = set()
         for number in range(1, config.start_attempts + 1):
             port = pick_port(self.server.rank, avoid=tried)
             tried.add(port)
             spec = config.process_spec(port)
+            if number == 1 and spec.compile_key is not None:
+                await self._take_compile_lock(spec.compile_key)
             self.log.note(f"start {number}/{config.start_attempts}: {shlex.join(spec.argv)}")
             try:
                 process = await spawn_server(spec.argv, env=spec.env, grace=config.shutdown_grace)
@@ -379,7 +415,8 @@ class _Supervisor:
                     raise
                 self.fail(self.error(exc.reason))
                 return
-            self.server._base_url = f"http://127.0.0.1:{port}"
+            host = spec.connect_host
+            self.server._base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
             self.server.pid = process.pid
             if number == 1:
                 task_status.started()
@@ -402,7 +439,7 @@ class _Supervisor:
             attempt = _Attempt(tg, spec.patterns)
             tg.start_soon(self._scan, process.stdout, "stdout", attempt)
             tg.start_soon(self._scan, process.stderr, "stderr", attempt)
-            tg.start_soon(self._poll_ready, spec.health_path, attempt)
+            tg.start_soon(self._poll_ready, spec, attempt)
             tg.start_soon(self._watch_exit, process, attempt)
         return attempt.retry_line
 
@@ -425,25 +462,47 @@ class _Supervisor:
         if event is None:
             return
         if event.kind is LineKind.READY:
+            attempt.ready_line_seen = True
             attempt.wake.set()
         elif event.kind is LineKind.RETRY and not self.server.ready:
             attempt.retry(line)
-        else:
-            reason = f"fatal line in server log (pattern {event.pattern!r}): {line}"
-            self.fail(self.error(reason, matched_line=line))
+        elif attempt.fatal is None:
+            attempt.fatal = event
+            attempt.tg.start_soon(self._fail_on_fatal, attempt)
+        elif event.rank < attempt.fatal.rank:
+            attempt.fatal = event  # a line that says better what went wrong
+
+    async def _fail_on_fatal(self, attempt: _Attempt) -> None:
+        """Fail shortly after the first fatal line: the lines after it (a traceback, the
+        root cause the engine prints after its own summary) belong in the error."""
+        await anyio.sleep(FATAL_SETTLE)
+        self.fail(self._fatal_error(attempt))
+
+    def _fatal_error(self, attempt: _Attempt, exit_code: int | None = None) -> ServerError:
+        assert attempt.fatal is not None
+        event = attempt.fatal
+        reason = f"fatal line in server log (pattern {event.pattern!r}): {event.line}"
+        return self.error(reason, matched_line=event.line, exit_code=exit_code)
 
     async def _watch_exit(self, process: ServerProcess, attempt: _Attempt) -> None:
         code = await process.wait_exit()
         with anyio.move_on_after(EXIT_DRAIN):  # let the last lines in: they say why
             for eof in attempt.eof.values():
                 await eof.wait()
+        if attempt.fatal is not None:
+            self.fail(self._fatal_error(attempt, exit_code=code))
+            return
         when = "after it was ready" if self.server.ready else "before it was ready"
         self.fail(self.error(f"server exited {_describe_exit(code)} {when}", exit_code=code))
 
-    async def _poll_ready(self, path: str, attempt: _Attempt) -> None:
-        """Probe ``path`` until it answers 200: at once on a ready line, else with backoff."""
-        delay = PROBE_FIRST_DELAY
-        while not await self._probe(path):
+    async def _poll_ready(self, spec: ProcessSpec, attempt: _Attempt) -> None:
+        """Probe the health path until it answers 200: at once on a ready line, else with
+        backoff (and only after a ready line if the backend requires one). Then, if the
+        backend asks for it, keep probing: a 503 means its engine died."""
+        path, delay = spec.health_path, PROBE_FIRST_DELAY
+        while not (
+            (attempt.ready_line_seen or not spec.ready_line_required) and await self._probe(path)
+        ):
             remaining = self.deadline - anyio.current_time()
             if remaining <= 0:
                 timeout = self.config.startup_timeout
@@ -454,13 +513,25 @@ class _Supervisor:
             attempt.wake = anyio.Event()
             delay = min(delay * 1.5, PROBE_MAX_DELAY)
         self.set_ready()
+        while spec.health_interval is not None:
+            await anyio.sleep(spec.health_interval)
+            if await self._probe_status(path) == 503:
+                if attempt.fatal is not None:
+                    return  # the fatal line says better what happened; it fails the scope
+                reason = f"GET {path} answered 503 after the server was ready: its engine died"
+                self.fail(self.error(reason))
+                return
 
     async def _probe(self, path: str) -> bool:
+        return await self._probe_status(path) == 200
+
+    async def _probe_status(self, path: str) -> int | None:
+        """The status ``path`` answers, or None if it does not answer in time."""
         try:
             response = await self.client.get(self.server.base_url + path, timeout=PROBE_TIMEOUT)
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            return None
+        return response.status_code
 
 
 def _connect_problem(url: str, exc: BaseException) -> str:

@@ -14,6 +14,13 @@ behaviours a supervisor must survive, each timed in seconds from start::
     --pid-file F               write {"server": pid, "children": [pids]} as JSON
     --lifetime 600             exit by itself after this long, whatever happens
     --fault 'status=503' --fault-rate 0.2 --fault-seed 1   seeded random faults
+    --replay FILE              play a transcript of a real engine's output (below)
+
+A transcript (``tests/transcripts/*.log``) is printed line by line; ``{port}`` is
+replaced by the port; lines starting with ``#`` are comments and lines starting with
+``@`` are directives: ``@stdout`` / ``@stderr`` (where the next lines go), ``@sleep S``,
+``@serve`` (start answering HTTP), ``@unhealthy`` / ``@healthy`` (``/health`` answers
+503 / 200), ``@exit N``, ``@kill9`` (SIGKILL itself, as SGLang does), ``@hang``.
 
 Nothing here is imported by the library; tests and benchmarks run it as a process.
 """
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--fault", dest="faults", action="append", default=[], metavar="DIRECTIVE")
     add("--fault-rate", type=float, default=0.0)
     add("--fault-seed", type=int, default=0)
+    add("--replay", type=Path, metavar="FILE")
     return parser
 
 
@@ -204,6 +213,38 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
             _write(sys.stderr.buffer, args.ready_line.encode() + b"\n")
 
 
+async def _replay(args: argparse.Namespace, lines: list[str]) -> None:
+    """Play a transcript: print its lines, obey its directives (see the module docstring)."""
+    app = DummyApp(DummySettings(args.model, args.text, args.completion_tokens, args.latency))
+    stream = sys.stdout.buffer
+    async with anyio.create_task_group() as tg:
+        for number, line in enumerate(lines, 1):
+            if line.startswith("#"):
+                continue
+            if not line.startswith("@"):
+                _write(stream, line.replace("{port}", str(args.port)).encode() + b"\n")
+                continue
+            directive, _, value = line[1:].partition(" ")
+            if directive in ("stdout", "stderr"):
+                stream = _stream(directive)
+            elif directive == "sleep":
+                await anyio.sleep(float(value))
+            elif directive == "serve":
+                sock = listen_socket(args.host, args.port, backlog=4096)
+                await tg.start(partial(serve_asgi, app, sock))
+            elif directive in ("healthy", "unhealthy"):
+                app.healthy = directive == "healthy"
+            elif directive == "exit":
+                await _exit_later(0, int(value), time.monotonic())
+            elif directive == "kill9":
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif directive == "hang":
+                await anyio.sleep_forever()
+            else:
+                raise SystemExit(f"transcript line {number}: unknown directive {line!r}")
+
+
 async def _main(args: argparse.Namespace) -> None:
     start = time.monotonic()
     async with anyio.create_task_group() as tg:
@@ -214,7 +255,10 @@ async def _main(args: argparse.Namespace) -> None:
         if args.exit_after is not None:
             tg.start_soon(_exit_later, args.exit_after, args.exit_code, start)
         tg.start_soon(_exit_later, args.lifetime, 0, start)
-        await _serve(args, start)
+        if args.replay is not None:
+            await _replay(args, args.replay.read_text().splitlines())
+        else:
+            await _serve(args, start)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

