@@ -19,10 +19,12 @@ EXPECTED = {
     "ServeError",
     "Server",
     "ServerCrashed",
+    "ServerConfig",
     "ServerError",
     "ServerStartError",
     "Usage",
     "VLLMConfig",
+    "load_config",
     "open_server",
 }
 

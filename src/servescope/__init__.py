@@ -4,6 +4,7 @@ One ``async with open_server(config) as server`` holds a server's whole life —
 process tree, log scanners, readiness probe and requests — under asyncio or trio.
 """
 
+from ._config import ServerConfig as ServerConfig
 from ._errors import BadRequest as BadRequest
 from ._errors import ConfigError as ConfigError
 from ._errors import RequestError as RequestError
@@ -13,6 +14,7 @@ from ._errors import ServeError as ServeError
 from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError
+from ._loadconfig import load_config as load_config
 from ._metrics import MetricsSnapshot as MetricsSnapshot
 from ._responses import Completion as Completion
 from ._responses import Usage as Usage

@@ -7,6 +7,7 @@ invalid regular expression is rejected when the config is built, with a
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,7 +70,7 @@ class ServerConfig(BaseModel):
             try:
                 super().__init__(**values)
             except pydantic.ValidationError as exc:
-                raise config_error(exc, type(self).__name__) from None
+                raise config_error(exc, type(self)) from None
 
     @field_validator("ready_patterns", "fatal_patterns")
     @classmethod
@@ -91,16 +92,29 @@ class ServerConfig(BaseModel):
         try:
             return cls.model_validate(dict(values))
         except pydantic.ValidationError as exc:
-            raise config_error(exc, cls.__name__) from None
+            raise config_error(exc, cls) from None
 
 
-def config_error(exc: pydantic.ValidationError, what: str) -> ConfigError:
-    """One readable ``ConfigError`` from pydantic's error list."""
+def config_error(exc: pydantic.ValidationError, cls: type[pydantic.BaseModel]) -> ConfigError:
+    """One readable ``ConfigError`` from pydantic's error list: each bad key, why, and
+    for an unknown key the closest known one and the full list."""
     problems = []
+    allowed = sorted(cls.model_fields)
+    unknown = False
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key {key!r}")
+            unknown = True
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+        elif error["type"] == "missing":
+            problems.append(f"{key}: required")
+        elif any(word in key.lower() for word in ("key", "secret", "token", "password")):
+            problems.append(f"{key}: {error['msg']}")  # never echo what might be a secret
         else:
-            problems.append(f"{key}: {error['msg']}")
-    return ConfigError(f"invalid {what}: " + "; ".join(problems))
+            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    message = f"invalid {cls.__name__}: " + "; ".join(problems)
+    if unknown:
+        message += f". Allowed keys: {', '.join(allowed)}"
+    return ConfigError(message)
