@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -176,16 +178,27 @@ def main() -> None:
     parser.add_argument("--backend", default="asyncio")
     parser.add_argument("--held", type=int, default=10_000)
     parser.add_argument("--hold", type=float, default=30.0)
+    parser.add_argument("--held-only", choices=["servescope", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench-results/pool.json"))
     options = parser.parse_args()
+    if options.held_only:  # one memory measurement, in a fresh process (see below)
+        raw = options.held_only == "raw"
+        row = anyio.run(held_memory, options.held, options.hold, raw, backend=options.backend)
+        print(json.dumps(row))
+        return
     levels = [int(level) for level in options.concurrency.split(",")]
     results = anyio.run(run, options.requests, levels, backend=options.backend)
     print(f"{'client @ in flight':<28} {'req/s':>9} {'CPU s/1000':>11} {'errors':>7}")
     for name, row in results.items():
         print(f"{name:<28} {row['rps']:>9.0f} {row['cpu_s_per_1000']:>11.3f} {row['errors']:>7.0f}")
     memory = {}
-    for name, raw in [("servescope", False), ("bare connection (floor)", True)]:
-        row = anyio.run(held_memory, options.held, options.hold, raw, backend=options.backend)
+    for name, mode in [("servescope", "servescope"), ("bare connection (floor)", "raw")]:
+        # Each in its own process: memory freed by one run stays in this process's heap
+        # and would make the next one look free.
+        command = [sys.executable, __file__, "--held-only", mode, "--held", str(options.held)]
+        command += ["--hold", str(options.hold), "--backend", options.backend]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         memory[name] = row
         print(
             f"memory, {name}: {row['kib_per_request']:.1f} KiB per in-flight request "
