@@ -33,7 +33,8 @@ argv = sys.argv[1:]
 record = {"argv": sys.argv, "env": {k: os.environ.get(k) for k in
           ("VLLM_API_KEY", "USE_TF", "TRANSFORMERS_NO_TF", "PYTHONUNBUFFERED")}}
 Path(os.environ["FAKE_RECORD"]).write_text(json.dumps(record))
-main(["--port", argv[argv.index("--port") + 1], "--replay", os.environ["FAKE_TRANSCRIPT"]])
+port = argv[argv.index("--port") + 1]
+main(["--port", port, "--replay", os.environ["FAKE_TRANSCRIPT"], "--api-key-env", "VLLM_API_KEY"])
 """
 
 
@@ -204,6 +205,7 @@ async def test_vllm_ready_transcript(tmp_path: Path) -> None:
             assert out.finish_reason in ("stop", "length")
             tail = "\n".join(server.log_tail())
             assert "Application startup complete." in tail
+    # The fake required the key on /v1/ (as vLLM does): requests sent it.
     record = json.loads((tmp_path / "record.json").read_text())
     assert "sk-secret-123" not in " ".join(record["argv"])
     assert record["env"]["VLLM_API_KEY"] == "sk-secret-123"

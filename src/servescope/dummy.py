@@ -15,6 +15,7 @@ behaviours a supervisor must survive, each timed in seconds from start::
     --lifetime 600             exit by itself after this long, whatever happens
     --fault 'status=503' --fault-rate 0.2 --fault-seed 1   seeded random faults
     --replay FILE              play a transcript of a real engine's output (below)
+    --api-key-env VLLM_API_KEY   /v1/ routes require the key that variable holds
 
 A transcript (``tests/transcripts/*.log``) is printed line by line; ``{port}`` is
 replaced by the port; lines starting with ``#`` are comments and lines starting with
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--fault-rate", type=float, default=0.0)
     add("--fault-seed", type=int, default=0)
     add("--replay", type=Path, metavar="FILE")
+    add("--api-key-env", metavar="NAME", help="require the key in this variable on /v1/ routes")
     return parser
 
 
@@ -187,7 +189,8 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
     await _at(args.ready_after, start)
     sock.close()
     served = listen_socket(args.host, args.port, backlog=4096)
-    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency)
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
     schedule = FaultSchedule(tuple(args.faults), args.fault_rate, args.fault_seed)
     first_ok = False
 
@@ -215,7 +218,9 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
 
 async def _replay(args: argparse.Namespace, lines: list[str]) -> None:
     """Play a transcript: print its lines, obey its directives (see the module docstring)."""
-    app = DummyApp(DummySettings(args.model, args.text, args.completion_tokens, args.latency))
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
+    app = DummyApp(settings)
     stream = sys.stdout.buffer
     async with anyio.create_task_group() as tg:
         for number, line in enumerate(lines, 1):
