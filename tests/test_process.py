@@ -279,3 +279,19 @@ def test_server_outlives_the_thread_that_started_it() -> None:
             ours.sendall(b"stop\n")
             reaper.wait(timeout=10)
     assert_all_gone([server_pid])
+
+
+async def test_ready_line_before_the_socket_listens() -> None:
+    """uvicorn prints its ready line before it listens (vLLM): the probe that line triggers
+    is refused, and the next ones must come briskly, not after the grown backoff."""
+    config = dummy_process(
+        "--ready-after", "3.0", "--ready-line", "",
+        "--print", "2.9:stderr:INFO:     Application startup complete.",
+    )  # fmt: skip
+    with anyio.fail_after(20):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            ready_at = time.time()
+            serving = [line for line in server.log_tail() if "serving at" in line]
+    serving_at = float(serving[0].rsplit(" ", 1)[1])
+    assert ready_at - serving_at < 0.3, f"ready {ready_at - serving_at:.2f} s after listening"

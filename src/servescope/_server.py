@@ -54,6 +54,7 @@ __all__ = ["Server", "open_server"]
 
 PROBE_FIRST_DELAY = 0.02
 PROBE_MAX_DELAY = 2.0
+PROBE_AFTER_LINE_MAX = 0.05
 PROBE_TIMEOUT = 5.0
 #: After the server exits, how long its last output may take to arrive.
 EXIT_DRAIN = 0.25
@@ -510,8 +511,13 @@ class _Supervisor:
                 return
             with anyio.move_on_after(min(delay, remaining)):
                 await attempt.wake.wait()
-            attempt.wake = anyio.Event()
-            delay = min(delay * 1.5, PROBE_MAX_DELAY)
+            if attempt.wake.is_set():  # a ready line: probe again at once, then briskly
+                attempt.wake = anyio.Event()
+                delay = PROBE_FIRST_DELAY
+            # After a ready line the socket may lag it (uvicorn prints "Application startup
+            # complete." before it listens): stay brisk instead of backing off to 2 s.
+            ceiling = PROBE_AFTER_LINE_MAX if attempt.ready_line_seen else PROBE_MAX_DELAY
+            delay = min(delay * 1.5, ceiling)
         self.set_ready()
         while spec.health_interval is not None:
             await anyio.sleep(spec.health_interval)
