@@ -276,3 +276,46 @@ async def test_sglang_is_ready_only_on_its_ready_line(tmp_path: Path) -> None:
             assert any("fired up and ready to roll" in line for line in server.log_tail())
             out = await server.complete("Once upon a time", max_tokens=2)
             assert out.text
+
+
+@pytest.mark.anyio
+async def test_compile_lock_serialises_first_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs start one configuration at once: the second waits until the first is ready,
+    then starts from the marker without the lock; a failed start leaves no marker."""
+    monkeypatch.setenv("SERVESCOPE_COMPILE_LOCK_DIR", str(tmp_path / "locks"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    failing = vllm(tmp_path / "a", "vllm_cuda_oom_load.log", compile_lock=True)
+    with anyio.fail_after(30), pytest.raises(servescope.ServerStartError):
+        async with open_server(failing) as server:
+            await server.wait_ready()
+    assert list((tmp_path / "locks").glob("*.done")) == []  # a failed start marks nothing
+
+    first = vllm(tmp_path / "a", "vllm_ready.log", compile_lock=True)
+    second = vllm(tmp_path / "b", "vllm_ready.log", compile_lock=True)
+    order: list[str] = []
+
+    async def start(name: str, config: VLLMConfig) -> list[str]:
+        async with open_server(config) as server:
+            await server.wait_ready()
+            order.append(name)
+            await anyio.sleep(0.2)
+            return server.log_tail()
+
+    tails: dict[str, list[str]] = {}
+
+    async def run(name: str, config: VLLMConfig) -> None:
+        tails[name] = await start(name, config)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "first", first)
+            await anyio.sleep(0.05)
+            tg.start_soon(run, "second", second)
+    assert order == ["first", "second"]
+    assert any("this job compiles first" in line for line in tails["first"])
+    assert any("waiting for the compile lock" in line for line in tails["second"])
+    assert not any("this job compiles first" in line for line in tails["second"])
+    assert len(list((tmp_path / "locks").glob("*.done"))) == 1

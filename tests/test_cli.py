@@ -202,3 +202,16 @@ def test_serve_prints_its_url_and_stops_cleanly_on_sigterm() -> None:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
     assert server.returncode == 0
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 40)
+    done = run(
+        "generate", str(prompts), "-o", str(out), "--set", "latency=0.01",
+        "--concurrency", "4", "--progress-interval", "0.02",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("servescope generate:")]
+    assert lines, done.stderr
+    assert "/40 done" in lines[-1] and "req/s" in lines[-1] and "ETA" in lines[-1]
