@@ -332,18 +332,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = build_config(args)
         run = _generate if args.command == "generate" else _serve
         code = anyio.run(run, args, config, console)
-    except ConfigError as exc:
-        _error(console, f"servescope: {exc}")
-        code = 2
-    except ServerError as exc:
-        _error(console, f"servescope: server failed: {exc}")
-        code = 1
-    except ServeError as exc:
-        _error(console, f"servescope: {exc}")
-        code = 1
-    except OSError as exc:
-        _error(console, f"servescope: {exc}")
-        code = 2
+    except (ServeError, OSError) as exc:
+        # Bad usage, config or input files: 2; the server failed: 1.
+        code = 2 if isinstance(exc, ConfigError | OSError) else 1
+        prefix = "server failed: " if isinstance(exc, ServerError) else ""
+        _error(console, f"servescope: {prefix}{exc}")
     sys.exit(code)
 
 

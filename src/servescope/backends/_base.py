@@ -3,14 +3,25 @@ its log patterns and its readiness path. The machinery that runs it is shared.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .._config import ServerConfig
 from .._logscan import PatternTable
 
-__all__ = ["ADDRESS_IN_USE", "ProcessConfig", "ProcessSpec", "cli_args", "connect_host", "has_flag"]
+__all__ = [
+    "ADDRESS_IN_USE",
+    "ProcessConfig",
+    "ProcessSpec",
+    "cli_args",
+    "connect_host",
+    "engine_flags",
+    "has_flag",
+    "runs_this_python",
+]
 
 ADDRESS_IN_USE = r"(?i)address already in use"
 
@@ -71,6 +82,33 @@ def has_flag(args: Mapping[str, Any], *names: str) -> bool:
     """Whether ``args`` sets any of the flags ``names`` (``tp``, ``--tp``, ``tp_size``...)."""
     given = {key.lstrip("-").replace("_", "-") for key in args}
     return any(name.lstrip("-").replace("_", "-") in given for name in names)
+
+
+def engine_flags(
+    args: Mapping[str, Any],
+    *,
+    host: str,
+    length: tuple[str, int | None],
+    sizes: Sequence[tuple[int, tuple[str, ...]]],
+) -> list[str]:
+    """An engine's ``--host``, context-length flag and parallel sizes, unless ``args``
+    sets them itself (explicit args win). ``sizes``: (size, (alias, ..., flag name)); a
+    size of 1 is the engines' default and is left out."""
+    argv = []
+    if not has_flag(args, "host"):
+        argv += ["--host", host]
+    flag, value = length
+    if value is not None and not has_flag(args, flag):
+        argv += [f"--{flag}", str(value)]
+    for size, names in sizes:
+        if size > 1 and not has_flag(args, *names):
+            argv += [f"--{names[-1]}", str(size)]
+    return argv
+
+
+def runs_this_python(python: str) -> bool:
+    """Whether ``python`` is the interpreter running servescope (what it has, we can see)."""
+    return Path(python).resolve() == Path(sys.executable).resolve()
 
 
 def connect_host(host: str) -> str:

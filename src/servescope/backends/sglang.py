@@ -24,7 +24,16 @@ from typing import Literal
 from pydantic import Field
 
 from .._logscan import PatternTable
-from ._base import ADDRESS_IN_USE, ProcessConfig, ProcessSpec, cli_args, connect_host, has_flag
+from ._base import (
+    ADDRESS_IN_USE,
+    ProcessConfig,
+    ProcessSpec,
+    cli_args,
+    connect_host,
+    engine_flags,
+    has_flag,
+    runs_this_python,
+)
 
 __all__ = ["SGLANG_PATTERNS", "SGLangConfig", "sglang_supports_strict_ports"]
 
@@ -90,22 +99,19 @@ class SGLangConfig(ProcessConfig):
     def server_args(self) -> list[str]:
         """The flags after ``--port``."""
         args = self.args
-        argv = []
-        if not has_flag(args, "host"):
-            argv += ["--host", self.host]
-        if self.context_length is not None and not has_flag(args, "context-length"):
-            argv += ["--context-length", str(self.context_length)]
-        for size, names in [
-            (self.tp, ("tp", "tp-size", "tensor-parallel-size")),
-            (self.dp, ("dp", "dp-size", "data-parallel-size")),
-            (self.pp, ("pp", "pp-size", "pipeline-parallel-size")),
-        ]:
-            if size > 1 and not has_flag(args, *names):
-                argv += [f"--{names[1]}", str(size)]
+        argv = engine_flags(
+            args,
+            host=self.host,
+            length=("context-length", self.context_length),
+            sizes=[
+                (self.tp, ("tp", "tensor-parallel-size", "tp-size")),
+                (self.dp, ("dp", "data-parallel-size", "dp-size")),
+                (self.pp, ("pp", "pipeline-parallel-size", "pp-size")),
+            ],
+        )
         strict = self.strict_ports
         if strict is None:
-            same_python = Path(self.python).resolve() == Path(sys.executable).resolve()
-            strict = same_python and sglang_supports_strict_ports()
+            strict = runs_this_python(self.python) and sglang_supports_strict_ports()
         if strict and not has_flag(args, "strict-ports"):
             argv.append("--strict-ports")
         return argv + cli_args(args)

@@ -29,7 +29,16 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 
 from .._logscan import PatternTable
-from ._base import ADDRESS_IN_USE, ProcessConfig, ProcessSpec, cli_args, connect_host, has_flag
+from ._base import (
+    ADDRESS_IN_USE,
+    ProcessConfig,
+    ProcessSpec,
+    cli_args,
+    connect_host,
+    engine_flags,
+    has_flag,
+    runs_this_python,
+)
 
 __all__ = ["VLLM_PATTERNS", "VLLMConfig", "vllm_version"]
 
@@ -122,26 +131,23 @@ class VLLMConfig(ProcessConfig):
         if self.executable is not None:
             return [*self.executable, "serve"]
         script = Path(self.python).parent / "vllm"
-        same_python = Path(self.python).resolve() == Path(sys.executable).resolve()
-        if script.exists() and (not same_python or _has_vllm_distribution()):
+        if script.exists() and (not runs_this_python(self.python) or _has_vllm_distribution()):
             return [str(script), "serve"]
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 
     def server_args(self) -> list[str]:
         """The flags after the model (without ``--port``)."""
         args = self.args
-        argv = []
-        if not has_flag(args, "host"):
-            argv += ["--host", self.host]
-        if self.max_model_len is not None and not has_flag(args, "max-model-len"):
-            argv += ["--max-model-len", str(self.max_model_len)]
-        for size, names in [
-            (self.tp, ("tp", "tensor-parallel-size")),
-            (self.dp, ("dp", "data-parallel-size")),
-            (self.pp, ("pp", "pipeline-parallel-size")),
-        ]:
-            if size > 1 and not has_flag(args, *names):
-                argv += [f"--{names[1]}", str(size)]
+        argv = engine_flags(
+            args,
+            host=self.host,
+            length=("max-model-len", self.max_model_len),
+            sizes=[
+                (self.tp, ("tp", "tensor-parallel-size")),
+                (self.dp, ("dp", "data-parallel-size")),
+                (self.pp, ("pp", "pipeline-parallel-size")),
+            ],
+        )
         if not has_flag(args, "disable-uvicorn-access-log", "uvicorn-log-level"):
             argv.append("--disable-uvicorn-access-log")
         return argv + cli_args(args)
