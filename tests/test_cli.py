@@ -215,3 +215,10 @@ def test_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.startswith("servescope generate:")]
     assert lines, done.stderr
     assert "/40 done" in lines[-1] and "req/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_version_and_usage_errors() -> None:
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("servescope ")
+    usage = run("generate")  # no input, no output
+    assert usage.returncode == 2 and "required" in usage.stderr

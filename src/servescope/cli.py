@@ -37,6 +37,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from . import __version__
 from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
 from ._generate import Counts, Job, Progress, check_input, run_job
@@ -66,6 +67,7 @@ CONFIG_FLAGS = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servescope", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"servescope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser(
         "generate",
