@@ -319,3 +319,31 @@ async def test_compile_lock_serialises_first_starts(
     assert any("waiting for the compile lock" in line for line in tails["second"])
     assert not any("this job compiles first" in line for line in tails["second"])
     assert len(list((tmp_path / "locks").glob("*.done"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "fatal"),
+    [
+        # Ray, an existing placement group too small: fatal (vllm/v1/executor/ray_utils.py).
+        (
+            "ValueError: The number of required GPUs exceeds the total number of available GPUs "
+            "in the placement group. Required number of devices: 4. Total number of devices: 1.",
+            True,
+        ),
+        # The same sentence without the tail is a WARNING while vLLM waits for its own group.
+        (
+            "WARNING 11-23 10:00:01 [ray_utils.py:300] The number of required GPUs exceeds the "
+            "total number of available GPUs in the placement group.",
+            False,
+        ),
+        ("Cannot provide a placement group requiring 4 GPUs within 1800 seconds.", True),
+        ("INFO 11-23 10:00:01 [loader.py:1] Loading weights took 0.5 seconds", False),
+        ("RuntimeError: Executor failed.", False),  # a consequence line; the cause is matched
+    ],
+)
+def test_vllm_placement_group_lines(line: str, fatal: bool) -> None:
+    from servescope._logscan import LineKind
+    from servescope.backends.vllm import VLLM_PATTERNS
+
+    event = VLLM_PATTERNS.classify(line)
+    assert (event is not None and event.kind is LineKind.FATAL) == fatal, event

@@ -74,6 +74,7 @@ def test_full_run(tmp_path: Path) -> None:
     assert [e["line"] for e in errors] == [51, 54, 55]
     assert "not JSON" in errors[0]["error"] and "duplicate id 2" in errors[2]["error"]
     assert "written ok" in done.stderr  # the summary table
+    assert "in.jsonl:51: not JSON" in done.stderr  # malformed lines are reported as they come
     # Run again: everything is skipped, nothing is written twice.
     again = run("generate", str(prompts), "-o", str(out))
     assert again.returncode == 0, again.stderr

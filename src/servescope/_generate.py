@@ -10,6 +10,7 @@ written twice. Requests in flight when the job died are simply sent again.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 EXCERPT = 200
+logger = logging.getLogger("servescope")
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ async def run_job(
                 seen: set[str] = set()
                 for number, text, parsed in read_prompts(job.input):
                     if isinstance(parsed, ValueError):
+                        logger.warning("%s:%d: %s (skipped)", job.input, number, parsed)
                         counts.malformed += 1
                         error_writer.write(
                             {"line": number, "error": str(parsed), "text": text[:EXCERPT]}
@@ -223,6 +226,7 @@ async def run_job(
                     if key in seen:
                         counts.malformed += 1
                         message = f"duplicate id {parsed.id!r} (already on an earlier line)"
+                        logger.warning("%s:%d: %s (skipped)", job.input, number, message)
                         error_writer.write({"line": number, "error": message})
                         progress.update(counts)
                         continue
