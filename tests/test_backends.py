@@ -321,6 +321,20 @@ async def test_compile_lock_serialises_first_starts(
     assert len(list((tmp_path / "locks").glob("*.done"))) == 1
 
 
+@pytest.mark.anyio
+async def test_unusable_compile_lock_directory_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SERVESCOPE_COMPILE_LOCK_DIR", str(blocker / "locks"))
+    config = vllm(tmp_path, "vllm_ready.log", compile_lock=True)
+    with anyio.fail_after(30):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            assert any("compile lock unavailable" in line for line in server.log_tail())
+
+
 @pytest.mark.parametrize(
     ("line", "fatal"),
     [

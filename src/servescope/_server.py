@@ -387,8 +387,15 @@ class _Supervisor:
                 self.compile_lock = None
 
     async def _take_compile_lock(self, key: str) -> None:
-        """Wait (cancellable) for this configuration's compile lock unless it is compiled."""
-        lock = CompileLock(key)
+        """Wait (cancellable) for this configuration's compile lock unless it is compiled.
+
+        A lock directory that cannot be used only costs the serialisation, not the start.
+        """
+        try:
+            lock = CompileLock(key)
+        except OSError as exc:
+            self.log.note(f"compile lock unavailable ({exc}); starting without it")
+            return
         waited = anyio.current_time()
 
         def on_wait() -> None:
