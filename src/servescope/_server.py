@@ -312,9 +312,12 @@ class _Supervisor:
     def set_ready(self) -> None:
         elapsed = anyio.current_time() - self.started_at
         if self.compile_lock is not None:
-            self.compile_lock.mark_done()  # later jobs start from the warm compile cache
-            self.compile_lock = None
-            self.log.note("compile lock released; configuration marked compiled")
+            lock, self.compile_lock = self.compile_lock, None
+            try:
+                lock.mark_done()  # later jobs start from the warm compile cache
+                self.log.note("compile lock released; configuration marked compiled")
+            except OSError as exc:  # mark_done released the lock; the next job compiles
+                self.log.note(f"compile lock released; marker not written: {exc}")
         self.log.ready = True
         self.server._ready.set()
         self.log.note(f"ready at {self.server.base_url} after {elapsed:.2f} s")
