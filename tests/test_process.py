@@ -295,3 +295,21 @@ async def test_ready_line_before_the_socket_listens() -> None:
             serving = [line for line in server.log_tail() if "serving at" in line]
     serving_at = float(serving[0].rsplit(" ", 1)[1])
     assert ready_at - serving_at < 0.3, f"ready {ready_at - serving_at:.2f} s after listening"
+
+
+async def test_crashed_server_is_torn_down_with_a_short_grace(tmp_path: Path) -> None:
+    """After a crash nothing is left to finish: a SIGTERM-ignoring child is SIGKILLed after
+    ``CRASH_GRACE`` (1 s), not after ``shutdown_grace`` (here 8 s), and the error comes then."""
+    pid_file = tmp_path / "pids.json"
+    config = dummy_process(
+        "--exit-after", "1.5", "--child", "ignore-sigterm", "--pid-file", str(pid_file),
+        shutdown_grace=8.0,
+    )  # fmt: skip
+    with anyio.fail_after(20), pytest.raises(ServerCrashed, match="exited with code 1"):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            ready = anyio.current_time()
+            await anyio.sleep(30)
+    raised = anyio.current_time() - ready
+    assert raised < 1.5 + 0.25 + 1.0 + 1.5, f"{raised:.2f} s"  # exit, drain, grace, slack
+    assert_all_gone(read_pids(pid_file))

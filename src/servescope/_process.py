@@ -74,18 +74,20 @@ class ServerProcess:
                 self.exit_code = int(report.split()[1])
         return self.exit_code
 
-    async def terminate(self) -> None:
-        """Kill the server's tree: SIGTERM, ``grace`` seconds, SIGKILL; wait until reaped.
+    async def terminate(self, grace: float | None = None) -> None:
+        """Kill the server's tree: SIGTERM, ``grace`` seconds (default: the one given at
+        start; never longer), SIGKILL; wait until reaped.
 
         Shielded and bounded: if the reaper does not finish in time, every process
         under it is SIGKILLed from here.
         """
+        grace = self.grace if grace is None else min(grace, self.grace)
         with anyio.CancelScope(shield=True):
             try:
-                await self._control.send(b"stop\n")
+                await self._control.send(f"stop {grace:g}\n".encode())
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass  # the reaper is already gone or going
-            with anyio.move_on_after(self.grace + KILL_MARGIN):
+            with anyio.move_on_after(grace + KILL_MARGIN):
                 await self._reaper.wait()
             if self._reaper.returncode is None:
                 logger.warning("reaper %d did not finish; killing its tree", self._reaper.pid)

@@ -22,6 +22,8 @@ The reaper does *not* set ``PR_SET_PDEATHSIG`` on itself: that signal fires when
 *thread* that forked it exits, and event loops fork from worker threads (trio's idle
 worker threads exit after 10 s, which tore every server down 10 s after its start).
 
+Messages from the parent: ``stop`` (tear down with the grace given at start) or
+``stop SECONDS`` (a shorter grace: the server already failed).
 Messages to the parent, one line each: ``spawned PID``, ``error MESSAGE`` (the server
 could not be started), ``exit CODE`` (the server exited; negative: killed by a signal),
 ``done`` (teardown finished).
@@ -122,8 +124,14 @@ class Reaper:
             data = self.control.recv(4096)
         except OSError:
             data = b""
-        if b"stop" in data:
+        if b"stop" in data:  # "stop" or "stop SECONDS" (a shorter grace: it crashed)
             self.terminate_grace = self.grace
+            words = data[data.index(b"stop") :].split(b"\n", 1)[0].split()
+            if len(words) > 1:
+                try:
+                    self.terminate_grace = min(self.grace, max(0.0, float(words[1])))
+                except ValueError:
+                    pass
         elif not data:  # end of file: the parent died without asking
             self.terminate_grace = min(self.grace, ORPHAN_GRACE)
 

@@ -58,6 +58,9 @@ PROBE_AFTER_LINE_MAX = 0.05
 PROBE_TIMEOUT = 5.0
 #: After the server exits, how long its last output may take to arrive.
 EXIT_DRAIN = 0.25
+#: SIGTERM-to-SIGKILL grace for the tree of a server that already failed (crashed, fatal
+#: line, not ready in time): it has nothing left to finish cleanly.
+CRASH_GRACE = 1.0
 #: How long after a fatal line its explanation (traceback, root cause) is still read.
 FATAL_SETTLE = 0.25
 DUMMY_GRACE = 0.2
@@ -431,10 +434,14 @@ class _Supervisor:
             self.server.pid = process.pid
             if number == 1:
                 task_status.started()
+            retry_line = None
             try:
                 retry_line = await self._watch(process, spec)
             finally:
-                await process.terminate()
+                # A server that failed has nothing left to finish: a short grace, so the
+                # error (and the freed GPUs) come at once, not after a slow worker's exit.
+                failed = self.server._failure is not None or retry_line is not None
+                await process.terminate(CRASH_GRACE if failed else None)
                 self.log.note(f"server tree of pid {process.pid} terminated")
             if retry_line is None:
                 return
