@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from .._config import ServerConfig
 from .._logscan import PatternTable
 
 __all__ = [
     "ADDRESS_IN_USE",
+    "EngineConfig",
     "ProcessConfig",
     "ProcessSpec",
     "cli_args",
@@ -57,6 +60,24 @@ class ProcessConfig(ServerConfig):
     def process_spec(self, port: int) -> ProcessSpec:  # pragma: no cover - abstract
         """The command, environment and patterns for a start on ``port``."""
         raise NotImplementedError
+
+
+class EngineConfig(ProcessConfig):
+    """What the vLLM and SGLang configs share.
+
+    Attributes:
+        tp / dp / pp: tensor, data and pipeline parallel sizes.
+        args: more flags for the engine; a flag given here wins over the fields.
+        host: the address to listen on (``0.0.0.0`` opens the server to the network).
+        python: the interpreter the engine is installed in.
+    """
+
+    tp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    python: str = sys.executable
 
 
 def cli_args(args: Mapping[str, Any]) -> list[str]:

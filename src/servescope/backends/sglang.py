@@ -17,7 +17,6 @@ Facts it relies on (checked against SGLang 0.5.23 source; see tests/transcripts/
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +25,7 @@ from pydantic import Field
 from .._logscan import PatternTable
 from ._base import (
     ADDRESS_IN_USE,
-    ProcessConfig,
+    EngineConfig,
     ProcessSpec,
     cli_args,
     connect_host,
@@ -72,7 +71,7 @@ def sglang_supports_strict_ports() -> bool:
         return False
 
 
-class SGLangConfig(ProcessConfig):
+class SGLangConfig(EngineConfig):
     """An SGLang server on this node.
 
     Attributes:
@@ -88,13 +87,7 @@ class SGLangConfig(ProcessConfig):
     backend: Literal["sglang"] = "sglang"
     model: str
     context_length: int | None = Field(default=None, gt=0)
-    tp: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
-    pp: int = Field(default=1, ge=1)
-    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    host: str = "127.0.0.1"
     strict_ports: bool | None = None
-    python: str = sys.executable
 
     def server_args(self) -> list[str]:
         """The flags after ``--port``."""

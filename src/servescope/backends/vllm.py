@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ from pydantic import Field, SecretStr
 from .._logscan import PatternTable
 from ._base import (
     ADDRESS_IN_USE,
-    ProcessConfig,
+    EngineConfig,
     ProcessSpec,
     cli_args,
     connect_host,
@@ -88,7 +87,7 @@ def _has_vllm_distribution() -> bool:
     return True
 
 
-class VLLMConfig(ProcessConfig):
+class VLLMConfig(EngineConfig):
     """A vLLM server on this node.
 
     Attributes:
@@ -109,14 +108,8 @@ class VLLMConfig(ProcessConfig):
     backend: Literal["vllm"] = "vllm"
     model: str
     max_model_len: int | None = Field(default=None, gt=0)
-    tp: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
-    pp: int = Field(default=1, ge=1)
-    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    host: str = "127.0.0.1"
     api_key: SecretStr | None = None
     executable: tuple[str, ...] | None = None
-    python: str = sys.executable
     compile_lock: bool = True
 
     def client_options(self) -> dict[str, Any]:
