@@ -361,3 +361,18 @@ def test_vllm_placement_group_lines(line: str, fatal: bool) -> None:
 
     event = VLLM_PATTERNS.classify(line)
     assert (event is not None and event.kind is LineKind.FATAL) == fatal, event
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "127.0.0.1"),
+        ({"host": "0.0.0.0"}, "127.0.0.1"),
+        ({"host": "::"}, "::1"),
+        ({"args": {"--host": "10.1.2.3"}}, "10.1.2.3"),
+        ({"host": "10.9.9.9", "args": {"host": "10.1.2.3"}}, "10.1.2.3"),
+    ],
+)
+def test_clients_connect_where_the_engine_listens(options: dict[str, Any], expected: str) -> None:
+    for cls in (VLLMConfig, SGLangConfig):
+        assert cls(model="m", **options).process_spec(1).connect_host == expected

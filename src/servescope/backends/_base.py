@@ -22,6 +22,7 @@ __all__ = [
     "cli_args",
     "connect_host",
     "engine_flags",
+    "flag_value",
     "has_flag",
     "runs_this_python",
 ]
@@ -79,6 +80,11 @@ class EngineConfig(ProcessConfig):
     host: str = "127.0.0.1"
     python: str = sys.executable
 
+    def connect_host(self) -> str:
+        """Where clients reach the server: its listen address (``args`` win), wildcards
+        meaning loopback."""
+        return connect_host(str(flag_value(self.args, "host") or self.host))
+
 
 def cli_args(args: Mapping[str, Any]) -> list[str]:
     """Map ``{key: value}`` to flags as datatrove does.
@@ -99,10 +105,23 @@ def cli_args(args: Mapping[str, Any]) -> list[str]:
     return argv
 
 
+def _flag(name: str) -> str:
+    """A flag's name as the engines read it: ``--tp_size`` and ``tp-size`` are ``tp-size``."""
+    return name.lstrip("-").replace("_", "-")
+
+
 def has_flag(args: Mapping[str, Any], *names: str) -> bool:
     """Whether ``args`` sets any of the flags ``names`` (``tp``, ``--tp``, ``tp_size``...)."""
-    given = {key.lstrip("-").replace("_", "-") for key in args}
-    return any(name.lstrip("-").replace("_", "-") in given for name in names)
+    given = {_flag(key) for key in args}
+    return any(_flag(name) in given for name in names)
+
+
+def flag_value(args: Mapping[str, Any], name: str) -> Any:
+    """The value ``args`` gives flag ``name`` under any spelling, or ``None``."""
+    for key, value in args.items():
+        if _flag(key) == _flag(name):
+            return value
+    return None
 
 
 def engine_flags(

@@ -28,7 +28,6 @@ from ._base import (
     EngineConfig,
     ProcessSpec,
     cli_args,
-    connect_host,
     engine_flags,
     has_flag,
     runs_this_python,
@@ -114,12 +113,11 @@ class SGLangConfig(EngineConfig):
         argv = [self.python, "-m", "sglang.launch_server", "--model-path", self.model]
         argv += ["--port", str(port), *self.server_args()]
         patterns = SGLANG_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
-        host = str(self.args.get("host", self.host))
         return ProcessSpec(
             argv,
             patterns,
             {"PYTHONUNBUFFERED": "1", **self.env},
             health_path="/health",
             ready_line_required=True,
-            connect_host=connect_host(host),
+            connect_host=self.connect_host(),
         )

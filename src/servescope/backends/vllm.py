@@ -33,7 +33,6 @@ from ._base import (
     EngineConfig,
     ProcessSpec,
     cli_args,
-    connect_host,
     engine_flags,
     has_flag,
     runs_this_python,
@@ -169,13 +168,12 @@ class VLLMConfig(EngineConfig):
         if self.api_key is not None:
             env["VLLM_API_KEY"] = self.api_key.get_secret_value()
         patterns = VLLM_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
-        host = str(self.args.get("host", self.host))
         return ProcessSpec(
             argv,
             patterns,
             {**env, **self.env},
             health_path="/health",
             health_interval=HEALTH_INTERVAL,
-            connect_host=connect_host(host),
+            connect_host=self.connect_host(),
             compile_key=compile_key(self.compile_parts()) if self.compile_lock else None,
         )
