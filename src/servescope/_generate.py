@@ -67,6 +67,23 @@ class Counts:
     def done(self) -> int:
         return self.skipped + self.malformed + self.succeeded + self.failed
 
+    @property
+    def errors(self) -> int:
+        return self.failed + self.malformed
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def requests_per_s(self) -> float:
+        """Requests answered (a result or an error) per second so far."""
+        return (self.succeeded + self.failed) / self.elapsed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed
+
 
 class Progress(Protocol):
     """Told after every line; ``close`` at the end."""

@@ -106,6 +106,7 @@ class RequestPool:
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
             config, data, started = self._config, body.encode(), None
+            wire_headers = self._wire_headers(headers)
             for retry in range(config.max_retries + 1):
                 await self._wait_ready()
                 self._check_open()
@@ -113,7 +114,7 @@ class RequestPool:
                 async with self._limiter:
                     self._metrics.in_flight += 1
                     try:
-                        outcome = await self._attempt(path, data, headers or {})
+                        outcome = await self._attempt(path, data, wire_headers)
                     finally:
                         self._metrics.in_flight -= 1
                 if not isinstance(outcome, _Retry):
@@ -152,20 +153,22 @@ class RequestPool:
         response = await self.request({"prompt": prompt, **params}, path=COMPLETIONS_PATH)
         return parse_completion(response)
 
+    def _wire_headers(self, headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
+        """The pool's headers with the caller's on top (once per request, not per attempt)."""
+        if not headers:
+            return self._headers
+        extra = {key.lower().encode(): value.encode() for key, value in headers.items()}
+        return [item for item in self._headers if item[0] not in extra] + list(extra.items())
+
     async def _attempt(
-        self, path: str, body: bytes, headers: Mapping[str, str]
+        self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> dict[str, Any] | _Retry:
-        request_headers = self._headers
-        if headers:
-            extra = {key.lower().encode(): value.encode() for key, value in headers.items()}
-            request_headers = [item for item in request_headers if item[0] not in extra]
-            request_headers += extra.items()
         limit = self._config.request_timeout
         reply = None
         try:
             # A bare CancelScope, not fail_after: lighter per request held in flight.
             with anyio.CancelScope(deadline=anyio.current_time() + limit):
-                reply = await self._post(self._base_url() + path, body, request_headers)
+                reply = await self._post(self._base_url() + path, body, headers)
         except httpx.TimeoutException as exc:
             return _Retry(RequestTimeout(f"no answer from {path} in time ({exc})"))
         except httpx.TransportError as exc:

@@ -228,10 +228,10 @@ def _proxied(config: ServerConfig, options: Mapping[str, Any]) -> bool:
     """Whether httpx would send this server's requests through a proxy from the environment."""
     if not options.get("trust_env", True) or not isinstance(config, EndpointConfig):
         return False
-    host = urllib.parse.urlsplit(config.url).hostname or ""
-    scheme = urllib.parse.urlsplit(config.url).scheme
+    url = urllib.parse.urlsplit(config.url)
     proxies = urllib.request.getproxies_environment()
-    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    return bool(proxy) and not urllib.request.proxy_bypass(url.hostname or "")
 
 
 def _client_post(client: httpx.AsyncClient) -> Post:

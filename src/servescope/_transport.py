@@ -234,7 +234,7 @@ class SlotTransport(httpx.AsyncBaseTransport):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url!r}")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port or _default_port(parts.scheme)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             known = (parts.scheme, parts.hostname, port), target.encode()
             if len(self._origins) < 256:
@@ -244,7 +244,7 @@ class SlotTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """httpx's transport interface, over the same connections."""
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        origin = (url.scheme, url.host, url.port or _default_port(url.scheme))
         if origin[0] not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url}", request=request)
         body = await request.aread()
@@ -275,8 +275,11 @@ class SlotTransport(httpx.AsyncBaseTransport):
                 await connection.aclose()
 
 
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
 def _host_header(origin: Origin) -> bytes:
     scheme, host, port = origin
-    default = 443 if scheme == "https" else 80
     host = f"[{host}]" if ":" in host else host
-    return (host if port == default else f"{host}:{port}").encode()
+    return (host if port == _default_port(scheme) else f"{host}:{port}").encode()

@@ -158,10 +158,8 @@ class _Bar:
     def update(self, counts: Counts) -> None:
         if self.task is None:
             self.task = self.bar.add_task("generate", total=counts.total, rate="", errors="")
-        elapsed = max(time.monotonic() - counts.started, 1e-9)
-        rate = f"{(counts.succeeded + counts.failed) / elapsed:.1f} req/s"
-        rate += f" {counts.completion_tokens / elapsed:.0f} tok/s"
-        errors = f"errors {counts.failed + counts.malformed}"
+        rate = f"{counts.requests_per_s:.1f} req/s {counts.tokens_per_s:.0f} tok/s"
+        errors = f"errors {counts.errors}"
         self.bar.update(self.task, completed=counts.done, rate=rate, errors=errors)
 
     def close(self, counts: Counts) -> None:
@@ -196,23 +194,18 @@ class _Silent:
 
 
 def _progress_line(counts: Counts) -> str:
-    elapsed = max(time.monotonic() - counts.started, 1e-9)
-    finished = counts.succeeded + counts.failed
-    rate = finished / elapsed
-    left = counts.total - counts.done
-    eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+    rate = counts.requests_per_s
+    eta = f"{(counts.total - counts.done) / rate:.0f} s" if rate > 0 else "?"
     return (
         f"servescope generate: {counts.done}/{counts.total} done, {rate:.1f} req/s, "
-        f"{counts.completion_tokens / elapsed:.0f} tok/s, "
-        f"errors {counts.failed + counts.malformed}, ETA {eta}"
+        f"{counts.tokens_per_s:.0f} tok/s, errors {counts.errors}, ETA {eta}"
     )
 
 
-def _summary(console: Console, counts: Counts, server: Server | None) -> None:
+def _summary(console: Console, counts: Counts, server: Server) -> None:
     table = Table(title="servescope generate", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
-    wall = time.monotonic() - counts.started
     rows: list[tuple[str, object]] = [
         ("input lines", counts.total),
         ("written ok", counts.succeeded),
@@ -221,15 +214,14 @@ def _summary(console: Console, counts: Counts, server: Server | None) -> None:
         ("already done (skipped)", counts.skipped),
         ("prompt tokens", counts.prompt_tokens),
         ("completion tokens", counts.completion_tokens),
-        ("wall time", f"{wall:.1f} s"),
-        ("requests/s", f"{(counts.succeeded + counts.failed) / max(wall, 1e-9):.1f}"),
+        ("wall time", f"{counts.elapsed:.1f} s"),
+        ("requests/s", f"{counts.requests_per_s:.1f}"),
     ]
-    if server is not None and server._pool is not None:
-        metrics = server.metrics
-        percentiles = (metrics.latency_p50, metrics.latency_p90, metrics.latency_p99)
-        for name, seconds in zip(("p50", "p90", "p99"), percentiles, strict=True):
-            shown = "-" if seconds is None else f"{seconds * 1000:.0f} ms"
-            rows.append((f"latency {name}", shown))
+    metrics = server.metrics
+    percentiles = (metrics.latency_p50, metrics.latency_p90, metrics.latency_p99)
+    for name, seconds in zip(("p50", "p90", "p99"), percentiles, strict=True):
+        shown = "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+        rows.append((f"latency {name}", shown))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)

@@ -168,6 +168,12 @@ def _write_pid_file(path: Path, children: list[int]) -> None:
     tmp.replace(path)
 
 
+def _settings(args: argparse.Namespace) -> DummySettings:
+    """What the app answers, from the options (the API key from ``--api-key-env``)."""
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    return DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -189,8 +195,7 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
     await _at(args.ready_after, start)
     sock.close()
     served = listen_socket(args.host, args.port, backlog=4096)
-    key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
+    settings = _settings(args)
     schedule = FaultSchedule(tuple(args.faults), args.fault_rate, args.fault_seed)
     first_ok = False
 
@@ -218,9 +223,7 @@ async def _serve(args: argparse.Namespace, start: float) -> None:
 
 async def _replay(args: argparse.Namespace, lines: list[str]) -> None:
     """Play a transcript: print its lines, obey its directives (see the module docstring)."""
-    key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    settings = DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
-    app = DummyApp(settings)
+    app = DummyApp(_settings(args))
     stream = sys.stdout.buffer
     async with anyio.create_task_group() as tg:
         for number, line in enumerate(lines, 1):
