@@ -39,12 +39,6 @@ VLLM_ENV = {
 FIGURES: dict[str, str] = {}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """One event loop is enough here: each test starts a real server (~45 s on 2 cores)."""
-    return "asyncio"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _needs_vllm() -> None:
     """Session-scoped, so it runs before ``tiny_models`` (which needs vLLM's torch)."""
