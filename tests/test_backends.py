@@ -100,7 +100,6 @@ def sglang(tmp_path: Path, transcript: str, **options: Any) -> SGLangConfig:
         ({"args": {"enforce-eager": True, "dtype": "float32"}}, ["--enforce-eager"], []),
         ({"args": {"enable-prefix-caching": False}}, ["--no-enable-prefix-caching"], []),
         ({}, ["--disable-uvicorn-access-log"], []),
-        ({"api_key": "sk-secret-123"}, [], ["sk-secret-123"]),
     ],
 )
 def test_vllm_command(options: dict[str, Any], expected: list[str], absent: list[str]) -> None:
@@ -137,8 +136,10 @@ def test_vllm_environment_and_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.env["A"] == "b"
     for text in (repr(config), str(config), repr(spec), str(config.model_dump())):
         assert "sk-secret-123" not in text
+    assert not any("sk-secret-123" in arg for arg in spec.argv), spec.argv
     assert config.client_options()["headers"] == {"Authorization": "Bearer sk-secret-123"}
-    assert (spec.health_path, spec.health_interval) == ("/health", 0.5)
+    assert (spec.health_path, spec.dead_status, config.health_interval) == ("/health", 503, 0.5)
+    assert config.secrets() == ["sk-secret-123"]
 
 
 def test_vllm_compile_key_follows_the_configuration() -> None:

@@ -17,6 +17,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._errors import ConfigError
+from ._redact import looks_secret
 
 __all__ = ["ServerConfig", "config_error"]
 
@@ -32,6 +33,7 @@ class ServerConfig(BaseModel):
         shutdown_grace: seconds between SIGTERM and SIGKILL on teardown.
         log_dir: where to write ``server_rank_{rank:05d}_node_{node}.log``; none if unset.
         log_tail_lines: how many recent log lines an error message carries.
+        log_max_bytes: the log file is rotated (one ``.1`` kept) when it grows past this.
         ready_patterns / fatal_patterns: regular expressions added to the backend's own.
         env: extra environment variables for the server process.
         use_chat: ``server.request`` posts to ``/v1/chat/completions`` (else ``/v1/completions``).
@@ -41,6 +43,11 @@ class ServerConfig(BaseModel):
         max_retries: retries of a retryable failure before ``RetriesExhausted``.
         backoff_base / backoff_max: the exponential backoff's first step and cap (full jitter).
         retry_after_max: the longest ``Retry-After`` honoured, in seconds.
+        health_interval: after readiness, seconds between health probes (``None``: no
+            watch). A probe answered with a 5xx, refused or not answered in time is a miss.
+        health_timeout: seconds a health probe may take before it counts as a miss.
+        unhealthy_after: a server whose health probe went unanswered this long has hung:
+            the scope fails with ``ServerCrashed``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -51,6 +58,7 @@ class ServerConfig(BaseModel):
     shutdown_grace: float = Field(default=10.0, ge=0)
     log_dir: Path | None = None
     log_tail_lines: int = Field(default=50, ge=1)
+    log_max_bytes: int = Field(default=20 * 1024 * 1024, ge=4096)
     ready_patterns: tuple[str, ...] = ()
     fatal_patterns: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
@@ -63,6 +71,9 @@ class ServerConfig(BaseModel):
     backoff_base: float = Field(default=0.5, ge=0)
     backoff_max: float = Field(default=30.0, ge=0)
     retry_after_max: float = Field(default=300.0, ge=0)
+    health_interval: float | None = Field(default=1.0, gt=0)
+    health_timeout: float = Field(default=10.0, gt=0)
+    unhealthy_after: float = Field(default=30.0, gt=0)
 
     if not TYPE_CHECKING:  # keep the pydantic plugin's typed signature for mypy
 
@@ -81,6 +92,11 @@ class ServerConfig(BaseModel):
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
         return patterns
+
+    def secrets(self) -> list[str]:
+        """Every secret value this config holds: ``env`` entries named like secrets (a
+        backend adds its API key, secret flags...). Kept out of logs and messages."""
+        return [value for name, value in self.env.items() if looks_secret(name)]
 
     def client_options(self) -> dict[str, Any]:
         """httpx client settings: a local server is reached directly, never via a proxy."""

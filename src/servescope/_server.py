@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import shlex
 import signal
-import ssl
 import sys
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,14 +32,14 @@ from ._compile_lock import CompileLock
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
 from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
+from ._http import connect_problem, http_client
 from ._logscan import LineEvent, LineKind, LineSplitter, PatternTable
 from ._metrics import MetricsSnapshot
-from ._pool import Post, RequestPool
+from ._pool import RequestPool
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
 from ._responses import Completion
 from ._serverlog import ServerLog
-from ._transport import Reply, SlotTransport
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
 from .backends.endpoint import EndpointConfig
@@ -167,7 +164,7 @@ async def open_server(
     """
     log = ServerLog(rank=rank, node=node, log_dir=config.log_dir, tail_lines=config.log_tail_lines)
     server = Server(config, rank=rank, node=node, log=log)
-    client, post, headers = _http_client(config)
+    client, post, headers = http_client(config)
     try:
         async with client, anyio.create_task_group() as tg:
             server._pool = RequestPool(
@@ -193,56 +190,6 @@ async def open_server(
     if server._failure is not None:
         # Our own cancellation is still the "exception being handled" here: hide it.
         raise server._failure from server._failure.__cause__
-
-
-def _ssl_context(verify: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
-    """The TLS context for a config that asks for one; local servers speak plain HTTP."""
-    if verify is None or isinstance(verify, ssl.SSLContext):
-        return verify
-    return httpx.create_ssl_context(verify)
-
-
-def _http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[str, str]]:
-    """The httpx client (probes, checks), how the pool posts, and the headers it adds.
-
-    Normally both go over one ``SlotTransport``. An endpoint reached through a proxy from
-    the environment uses httpx's own transport, which is what speaks to proxies.
-    """
-    timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
-    options = config.client_options()
-    headers: Mapping[str, str] = options.get("headers", {})
-    if _proxied(config, options):
-        slots = config.max_concurrency
-        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits, **options)
-        return client, _client_post(client), {}
-    transport = SlotTransport(
-        ssl_context=_ssl_context(options.pop("verify", None)),
-        connect_timeout=config.connect_timeout,
-    )
-    client = httpx.AsyncClient(transport=transport, timeout=timeout, **options)
-    return client, transport.post, headers
-
-
-def _proxied(config: ServerConfig, options: Mapping[str, Any]) -> bool:
-    """Whether httpx would send this server's requests through a proxy from the environment."""
-    if not options.get("trust_env", True) or not isinstance(config, EndpointConfig):
-        return False
-    url = urllib.parse.urlsplit(config.url)
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    return bool(proxy) and not urllib.request.proxy_bypass(url.hostname or "")
-
-
-def _client_post(client: httpx.AsyncClient) -> Post:
-    """Post through ``client`` (and so through its proxies); the pool's ``Post``."""
-
-    async def post(url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
-        json_headers = [(b"content-type", b"application/json"), *headers]
-        response = await client.post(url, content=body, headers=json_headers)
-        return Reply(response.status_code, response.headers.raw, response.content)
-
-    return post
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -373,7 +320,7 @@ class _Supervisor:
         try:
             response = await self.client.get(url, timeout=PROBE_TIMEOUT + config.connect_timeout)
         except httpx.HTTPError as exc:
-            return _connect_problem(url, exc)
+            return connect_problem(url, exc)
         if response.status_code in (401, 403):
             return f"{url} rejected the API key ({response.status_code})"
         if response.status_code == 404:
@@ -536,9 +483,9 @@ class _Supervisor:
             ceiling = PROBE_AFTER_LINE_MAX if attempt.ready_line_seen else PROBE_MAX_DELAY
             delay = min(delay * 1.5, ceiling)
         self.set_ready()
-        while spec.health_interval is not None:
-            await anyio.sleep(spec.health_interval)
-            if await self._probe_status(path) == 503:
+        while self.config.health_interval is not None:
+            await anyio.sleep(self.config.health_interval)
+            if await self._probe_status(path) == spec.dead_status:
                 if attempt.fatal is not None:
                     return  # the fatal line says better what happened; it fails the scope
                 reason = f"GET {path} answered 503 after the server was ready: its engine died"
@@ -555,28 +502,6 @@ class _Supervisor:
         except httpx.HTTPError:
             return None
         return response.status_code
-
-
-def _connect_problem(url: str, exc: BaseException) -> str:
-    tls = _find_in_chain(exc, ssl.SSLError)
-    if tls is not None:
-        return f"TLS verification failed for {url}: {tls} (ca_bundle names a CA to trust)"
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer from {url} in time"
-    return f"cannot connect to {url}: {text}"
-
-
-def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first ``kind`` among ``exc`` and its causes and contexts (they nest by backend)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _describe_exit(code: int) -> str:

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from .._config import ServerConfig
 from .._logscan import PatternTable
+from .._redact import looks_secret
 
 __all__ = [
     "ADDRESS_IN_USE",
@@ -38,8 +39,8 @@ class ProcessSpec:
         health_path: probed until it answers 200 (readiness), at once on a ready line.
         ready_line_required: ready only once a ready line was printed *and* the probe
             answers 200 (SGLang's port answers before its warm-up is done).
-        health_interval: after readiness, probe ``health_path`` this often; a 503 means
-            the engine died (vLLM keeps its API server up ~5 s after, then exits 0).
+        dead_status: a status ``health_path`` answers after readiness only once the engine
+            died (vLLM's 503: its API server lives ~5 s longer, then exits 0): a crash at once.
         connect_host: where clients connect (the server may listen more widely).
         compile_key: serialise start-ups of this configuration across jobs sharing a
             filesystem until the first one is ready (vLLM's torch.compile cache).
@@ -50,7 +51,7 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key
     health_path: str = "/v1/models"
     ready_line_required: bool = False
-    health_interval: float | None = None
+    dead_status: int | None = None
     connect_host: str = "127.0.0.1"
     compile_key: str | None = None
 
@@ -79,6 +80,11 @@ class EngineConfig(ProcessConfig):
     args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     python: str = sys.executable
+
+    def secrets(self) -> list[str]:
+        """The base's secrets and the values of secret flags in ``args`` (``hf-token``)."""
+        flags = [str(value) for key, value in self.args.items() if looks_secret(key) and value]
+        return [*super().secrets(), *flags]
 
     def connect_host(self) -> str:
         """Where clients reach the server: its listen address (``args`` win), wildcards

