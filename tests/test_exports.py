@@ -18,6 +18,7 @@ EXPECTED = {
     "SGLangConfig",
     "ServeError",
     "Server",
+    "ServerClosed",
     "ServerCrashed",
     "ServerConfig",
     "ServerError",
@@ -40,7 +41,7 @@ def test_exported_members() -> None:
 
 
 def test_error_tree() -> None:
-    for name in ("ConfigError", "ServerError", "RequestError"):
+    for name in ("ConfigError", "ServerError", "ServerClosed", "RequestError"):
         assert issubclass(getattr(servescope, name), servescope.ServeError)
     assert issubclass(servescope.ServerStartError, servescope.ServerError)
     assert issubclass(servescope.ServerCrashed, servescope.ServerError)

@@ -11,6 +11,7 @@ from ._errors import RequestError as RequestError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import RetriesExhausted as RetriesExhausted
 from ._errors import ServeError as ServeError
+from ._errors import ServerClosed as ServerClosed
 from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError

@@ -8,9 +8,10 @@ OS exception, or a pydantic ``ValidationError``::
      ├─ ConfigError            a configuration value is missing, unknown or invalid
      ├─ ServerError            the server itself failed (carries reason and log tail)
      │   ├─ ServerStartError   ... before it became ready (bad model, OOM at load, exit, timeout)
-     │   └─ ServerCrashed      ... after it became ready (fatal log line, exit, failed health check)
+     │   └─ ServerCrashed      ... after it became ready (death line, exit, hung or dead health)
+     ├─ ServerClosed           the server's scope has ended; it takes no more requests
      └─ RequestError           one request failed (malformed response, transport failure)
-         ├─ BadRequest         the server refused the request itself (4xx); never retried
+         ├─ BadRequest         the request itself is refused (4xx, or unsendable); never retried
          ├─ RetriesExhausted   a retryable failure persisted through every retry
          └─ RequestTimeout     no answer within the request timeout
 
@@ -30,6 +31,7 @@ __all__ = [
     "RequestTimeout",
     "RetriesExhausted",
     "ServeError",
+    "ServerClosed",
     "ServerCrashed",
     "ServerError",
     "ServerStartError",
@@ -83,17 +85,27 @@ class ServerCrashed(ServerError):
     """The server failed after it had become ready."""
 
 
+class ServerClosed(ServeError):
+    """The server's scope has ended (normally or not): it takes no more requests.
+
+    Raised to requests made, or still waiting, after ``async with open_server(...)`` was
+    left — from tasks outside the scope — so that none of them waits forever.
+    """
+
+
 class RequestError(ServeError):
     """One request failed; the server scope goes on."""
 
 
 class BadRequest(RequestError):
-    """The server rejected the request itself (400, 401, 403, 404, 413, 422).
+    """The request itself is refused: the server answered 400, 401, 403, 404, 413 or 422
+    (``status_code``), or it could not be sent at all (``status_code`` is ``None``: a
+    payload that is not JSON-encodable, a header value with a line break, ...).
 
     Sending it again cannot help, so it is never retried.
     """
 
-    def __init__(self, message: str, *, status_code: int, body: str = "") -> None:
+    def __init__(self, message: str, *, status_code: int | None, body: str = "") -> None:
         self.status_code = status_code
         self.body = body
         super().__init__(message)
