@@ -6,6 +6,7 @@ sequences and checks each request's outcome against a model of the rules.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from datetime import datetime, timezone
@@ -36,10 +37,34 @@ NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
         ("Mon, 23 Nov 2026 12:00:30 GMT", 30.0),
         ("Mon, 23 Nov 2026 11:00:00 GMT", 0.0),
         ("Mon, 99 Foo 2026 12:00:30 GMT", None),
+        # Digits str.isdigit or float() accept but HTTP does not: unreadable, never an error.
+        ("\u00b2", None),
+        ("\u0663", None),
+        ("\uff11", None),
+        ("1\u00b2", None),
+        ("1_000", None),
+        ("+5", None),
+        ("1e3", None),
+        ("-0", None),
+        # Numbers that are not a finite wait.
+        ("9" * 400, None),
+        ("1e309", None),
+        ("inf", None),
+        ("Infinity", None),
+        ("nan", None),
+        ("\t 7 \t", 7.0),
+        ("", None),
+        ("\xe9\xff 3", None),  # a header's bytes, decoded as latin-1
     ],
 )
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, now=NOW) == seconds
+
+
+@given(st.text() | st.binary().map(lambda data: data.decode("latin-1")))
+def test_parse_retry_after_never_raises(value: str) -> None:
+    seconds = parse_retry_after(value, now=NOW)
+    assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
 
 
 @given(st.integers(0, 200), st.floats(0, 10), st.floats(0, 100), st.integers())

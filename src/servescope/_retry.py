@@ -9,10 +9,14 @@ wait, itself capped so that a server that lies cannot park a request for hours.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
+import re
 from datetime import datetime, timezone
 
 __all__ = ["backoff_delay", "parse_retry_after", "retry_delay"]
+
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
 
 def backoff_delay(retry: int, *, base: float, cap: float, rng: random.Random) -> float:
@@ -21,26 +25,31 @@ def backoff_delay(retry: int, *, base: float, cap: float, rng: random.Random) ->
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header, or ``None`` if absent or unreadable."""
+    """Seconds to wait from a ``Retry-After`` header, or ``None`` if absent or unreadable.
+
+    Never raises: the value is foreign. Only ASCII digits count (``str.isdigit`` and
+    ``float`` also take "²", "٣", "1_000", "inf"), and a wait that is not a finite
+    number of seconds is unreadable.
+    """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        seconds = float(value)  # not in the RFC, but servers send "0.5"
-    except ValueError:
-        pass
-    else:
-        return seconds if seconds >= 0 else None
+    if _SECONDS.fullmatch(value):
+        seconds = float(value)  # "0.5" is not in the RFC, but servers send it
+        return seconds if math.isfinite(seconds) else None
+    return _seconds_until(value, now)
+
+
+def _seconds_until(value: str, now: datetime | None) -> float | None:
+    """Seconds from ``now`` until the HTTP date ``value`` (0 if past), or ``None``."""
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
-    return max(0.0, (when - now).total_seconds())
+    return max(0.0, seconds)
 
 
 def retry_delay(
