@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from servescope._generate import _parse, resume
 from servescope._loadconfig import read_config_file
 from servescope._logscan import LineSplitter
 from servescope._responses import parse_completion, parse_json
+from servescope._retry import parse_retry_after
 from servescope.backends.sglang import SGLANG_PATTERNS
 from servescope.backends.vllm import VLLM_PATTERNS
 
@@ -45,6 +47,25 @@ def test_response_parsing(body: bytes) -> None:
     except RequestError:
         return
     assert isinstance(completion.text, str)
+
+
+@given(
+    st.sampled_from([b"[", b'{"a":', b'{"choices":[', b'{"choices":[{"message":{"content":']),
+    st.integers(0, 200_000),
+    st.sampled_from([b"", b"]", b"}", b"1"]),
+)
+def test_response_parsing_deep_nesting(opening: bytes, depth: int, closing: bytes) -> None:
+    body = opening * depth + closing * depth
+    try:
+        parse_completion(parse_json(body))
+    except RequestError:
+        pass
+
+
+@given(st.text() | st.binary().map(lambda data: data.decode("latin-1")))
+def test_retry_after(value: str) -> None:
+    seconds = parse_retry_after(value)
+    assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
 
 
 @given(

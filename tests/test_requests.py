@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import random
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,10 +22,15 @@ from hypothesis import strategies as st
 
 import servescope
 from servescope import BadRequest, DummyConfig, RequestError, RetriesExhausted, open_server
-from servescope._responses import classify_status, parse_completion
+from servescope._pool import RequestPool
+from servescope._responses import classify_status, parse_completion, parse_json
 from servescope._retry import backoff_delay, parse_retry_after, retry_delay
+from servescope._transport import SlotTransport
+
+from .test_transport import RawServer, Script, always, raw_server
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+KEY = "sk-test-0d4c2b-pool-secret"
 
 
 @pytest.mark.parametrize(
@@ -117,6 +124,45 @@ def test_classify_status(status: int, kind: type[Exception] | None) -> None:
 )
 def test_malformed_completion(response: dict[str, Any], message: str) -> None:
     with pytest.raises(RequestError, match=message):
+        parse_completion(response)
+
+
+def nested(depth: int) -> list[Any]:
+    """A list nested ``depth`` deep, built without recursion."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a": ' * 100_000, "nested too deeply"),
+        (b"1" * 5000, "not valid JSON"),  # past int's digit limit: ValueError, not JSONDecodeError
+        (b"\xff{}", "not valid JSON"),
+        (b"[1]", "not a JSON object"),
+    ],
+    ids=["arrays", "objects", "huge-int", "bad-utf8", "array"],
+)
+def test_malformed_json_body(body: bytes, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as info:
+        parse_json(body)
+    assert type(info.value) is RequestError
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        {"choices": nested(100_000)},
+        {"choices": [{"message": {"content": nested(100_000)}}]},
+        {"choices": [{"text": {1, 2}}]},  # not JSON at all: the excerpt must not fail on it
+    ],
+    ids=["choices", "content", "unencodable"],
+)
+def test_malformed_completion_too_deep_to_quote(response: dict[str, Any]) -> None:
+    with pytest.raises(RequestError, match=r"no choices|not a string"):
         parse_completion(response)
 
 
@@ -294,3 +340,50 @@ async def test_request_timeout_is_retried_then_exhausted() -> None:
         assert isinstance(info.value.__cause__, servescope.RequestTimeout)
         assert server.metrics.retried == 1
         assert server.metrics.failed == 1
+
+
+# -- against scripted servers ------------------------------------------------------------
+
+
+async def _ready() -> None:
+    pass
+
+
+@asynccontextmanager
+async def scripted_pool(
+    script: Script, *, redact: Callable[[str], str] | None = None, **config: Any
+) -> AsyncIterator[tuple[RequestPool, RawServer]]:
+    """A request pool over a ``SlotTransport`` to a raw server that answers ``script``."""
+    config = {"max_retries": 2, "backoff_base": 0.001, "backoff_max": 0.001, **config}
+    async with raw_server(script) as server:
+        transport = SlotTransport()
+        extra: dict[str, Any] = {} if redact is None else {"redact": redact}
+        pool = RequestPool(
+            transport.post,
+            DummyConfig(**config),
+            headers={"authorization": f"Bearer {KEY}"},
+            base_url=lambda: f"http://127.0.0.1:{server.port}",
+            wait_ready=_ready,
+            check_open=lambda: None,
+            **extra,
+        )
+        try:
+            with anyio.fail_after(10):
+                yield pool, server
+        finally:
+            await transport.aclose()
+
+
+def answer(status: int, body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{header}\r\n" for header in headers)
+    return f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+@pytest.mark.anyio
+async def test_deeply_nested_response_is_a_request_error_not_retried() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    async with scripted_pool(always(answer(200, body))) as (pool, server):
+        with pytest.raises(RequestError, match="nested too deeply") as info:
+            await pool.chat([{"role": "user", "content": "hi"}])
+    assert type(info.value) is RequestError
+    assert len(server.requests) == 1

@@ -85,10 +85,17 @@ def classify_status(status: int, body: bytes) -> RequestError | None:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """A JSON object from a response body, or ``RequestError`` with an excerpt."""
+    """A JSON object from a response body, or ``RequestError`` with an excerpt.
+
+    ``ValueError`` covers bad UTF-8 and an integer past Python's digit limit as well as
+    bad syntax; nesting deeper than the interpreter's recursion limit is its own case.
+    """
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        message = f"response JSON is nested too deeply to parse: {excerpt(body)!r}"
+        raise RequestError(message) from None
+    except ValueError as exc:
         raise RequestError(f"response is not valid JSON ({exc}): {excerpt(body)!r}") from None
     if not isinstance(value, dict):
         raise RequestError(f"response is not a JSON object: {excerpt(body)!r}")
@@ -102,7 +109,7 @@ def parse_completion(response: dict[str, Any]) -> Completion:
     """
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise RequestError(f"response has no choices: {excerpt(json.dumps(response))}")
+        raise RequestError(f"response has no choices: {_quote(response)}")
     choice = choices[0]
     message = choice.get("message")
     reasoning: Any = None
@@ -114,7 +121,7 @@ def parse_completion(response: dict[str, Any]) -> Completion:
     if text is None:
         text = ""
     if not isinstance(text, str) or not isinstance(reasoning, str | None):
-        raise RequestError(f"response text is not a string: {excerpt(json.dumps(choice))}")
+        raise RequestError(f"response text is not a string: {_quote(choice)}")
     finish = choice.get("finish_reason")
     return Completion(
         text=text,
@@ -123,6 +130,16 @@ def parse_completion(response: dict[str, Any]) -> Completion:
         reasoning=reasoning,
         raw=response,
     )
+
+
+def _quote(value: Any) -> str:
+    """An excerpt of a parsed value as JSON, for an error message; never raises."""
+    try:
+        return excerpt(json.dumps(value))
+    except RecursionError:
+        return "[JSON nested too deeply to quote]"
+    except (TypeError, ValueError):  # not from json.loads: a caller built it
+        return f"[a {type(value).__name__} that is not JSON]"
 
 
 def usage_of(response: dict[str, Any]) -> Usage:
