@@ -387,3 +387,33 @@ async def test_deeply_nested_response_is_a_request_error_not_retried() -> None:
             await pool.chat([{"role": "user", "content": "hi"}])
     assert type(info.value) is RequestError
     assert len(server.requests) == 1
+
+
+def circular() -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    value["self"] = value
+    return value
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"stop": {"a", "b"}}, "set is not JSON serializable"),
+        ({"x": object()}, "object is not JSON serializable"),
+        ({("a", "b"): 1}, "keys must be"),
+        ({"temperature": float("nan")}, "not JSON compliant"),
+        ({"temperature": float("inf")}, "not JSON compliant"),
+        ({"messages": nested(100_000)}, "nested too deeply"),
+        (circular(), "Circular reference"),
+        (["not", "a", "mapping"], "not a mapping"),
+    ],
+    ids=["set", "object", "tuple-key", "nan", "inf", "deep", "circular", "list"],
+)
+async def test_unencodable_payload_is_a_bad_request_never_sent(payload: Any, problem: str) -> None:
+    async with scripted_pool(always(answer(200, b"{}"))) as (pool, server):
+        with pytest.raises(BadRequest, match=problem) as info:
+            await pool.request(payload)
+    assert info.value.status_code is None
+    assert "payload" in str(info.value)
+    assert server.requests == []

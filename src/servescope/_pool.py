@@ -24,7 +24,7 @@ import anyio
 import httpx
 
 from ._config import ServerConfig
-from ._errors import RequestError, RequestTimeout, RetriesExhausted
+from ._errors import BadRequest, RequestError, RequestTimeout, RetriesExhausted
 from ._metrics import Metrics, MetricsSnapshot
 from ._responses import (
     Completion,
@@ -56,6 +56,20 @@ class _Retry:
 
     error: RequestError
     retry_after: float | None = None
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """The request body for ``payload``, or ``BadRequest`` (never sent) saying why not.
+
+    Strict JSON: NaN and infinities are refused here rather than by the server.
+    """
+    try:
+        return json.dumps(payload, allow_nan=False).encode()
+    except RecursionError:
+        message = "the request payload is nested too deeply to encode as JSON"
+        raise BadRequest(message, status_code=None) from None
+    except (TypeError, ValueError) as exc:  # ValueError: NaN/inf, a circular reference
+        raise BadRequest(f"the request payload is not JSON: {exc}", status_code=None) from exc
 
 
 class RequestPool:
@@ -100,12 +114,17 @@ class RequestPool:
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST ``payload`` (model and default params filled in); the JSON answer."""
-        body = json.dumps({"model": self._config.model, **self._config.default_params, **payload})
+        if not isinstance(payload, Mapping):
+            message = f"the request payload is not a mapping: a {type(payload).__name__}"
+            raise BadRequest(message, status_code=None)
+        data = encode_payload(
+            {"model": self._config.model, **self._config.default_params, **payload}
+        )
         path = path or (CHAT_PATH if self._config.use_chat else COMPLETIONS_PATH)
         self._check_open()
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
-            config, data, started = self._config, body.encode(), None
+            config, started = self._config, None
             wire_headers = self._wire_headers(headers)
             for retry in range(config.max_retries + 1):
                 await self._wait_ready()
