@@ -351,7 +351,11 @@ async def _ready() -> None:
 
 @asynccontextmanager
 async def scripted_pool(
-    script: Script, *, redact: Callable[[str], str] | None = None, **config: Any
+    script: Script,
+    *,
+    redact: Callable[[str], str] | None = None,
+    headers: dict[str, str] | None = None,
+    **config: Any,
 ) -> AsyncIterator[tuple[RequestPool, RawServer]]:
     """A request pool over a ``SlotTransport`` to a raw server that answers ``script``."""
     config = {"max_retries": 2, "backoff_base": 0.001, "backoff_max": 0.001, **config}
@@ -361,7 +365,7 @@ async def scripted_pool(
         pool = RequestPool(
             transport.post,
             DummyConfig(**config),
-            headers={"authorization": f"Bearer {KEY}"},
+            headers={"authorization": f"Bearer {KEY}"} if headers is None else headers,
             base_url=lambda: f"http://127.0.0.1:{server.port}",
             wait_ready=_ready,
             check_open=lambda: None,
@@ -417,3 +421,40 @@ async def test_unencodable_payload_is_a_bad_request_never_sent(payload: Any, pro
     assert info.value.status_code is None
     assert "payload" in str(info.value)
     assert server.requests == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({"x-a": f"{KEY}\r\nx-injected: 1"}, "header 'x-a'"),
+        ({"x-a": f"{KEY}\x00"}, "header 'x-a'"),
+        ({"x a": KEY}, "header name 'x'"),
+        ({"x-a": 5}, "header 'x-a'.*int"),
+        ({5: KEY}, "header name.*int"),
+        ({"x-a": f"{KEY}\ud800"}, "header 'x-a'"),
+        ({"x-\u00e9": KEY}, "header name 'x-"),
+        ({"host": "elsewhere"}, "multiple Host"),
+    ],
+    ids=["crlf", "nul", "space-in-name", "int-value", "int-name", "surrogate", "non-ascii", "host"],
+)
+async def test_unsendable_header_is_a_bad_request_never_sent(headers: Any, problem: str) -> None:
+    async with scripted_pool(always(answer(200, b"{}"))) as (pool, server):
+        with pytest.raises(BadRequest, match=problem) as info:
+            await pool.request({"prompt": "hi"}, headers=headers)
+        assert (await pool.request({"prompt": "hi"})) == {}  # the pool goes on
+    assert info.value.status_code is None
+    assert KEY not in str(info.value)
+    assert len(server.requests) == 1  # only the good one
+
+
+@pytest.mark.anyio
+async def test_api_key_with_a_line_break_is_a_bad_request() -> None:
+    headers = {"authorization": f"Bearer {KEY}\n"}
+    async with scripted_pool(always(answer(200, b"{}")), headers=headers) as (pool, server):
+        with pytest.raises(BadRequest, match="header 'authorization'") as info:
+            await pool.chat([{"role": "user", "content": "hi"}])
+    assert info.value.status_code is None
+    assert KEY not in str(info.value)
+    assert server.requests == []
+    assert pool.metrics.retried == 0

@@ -187,3 +187,51 @@ async def test_httpx_read_timeout_applies_to_the_whole_exchange() -> None:
     ):
         with pytest.raises(httpx.ReadTimeout, match=r"within 0\.2 s"):
             await client.get(f"http://127.0.0.1:{server.port}/")
+
+
+SECRET = b"sk-transport-7a1c-secret"
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ((b"authorization", b"Bearer " + SECRET + b"\n"), "authorization"),
+        ((b"x-a", SECRET + b"\r\nx-injected: 1"), "x-a"),
+        ((b"x-nul", SECRET + b"\x00"), "x-nul"),
+        ((b"x-space", SECRET + b" "), "x-space"),
+        ((b"bad name", SECRET), "name 'bad'"),
+        ((b"x-b:" + SECRET, b"v"), "name 'x-b'"),  # a name is shown only up to the bad byte
+    ],
+    ids=["lf", "crlf", "nul", "trailing-space", "space-in-name", "colon-in-name"],
+)
+async def test_unsendable_header_names_the_header_not_its_value(
+    header: tuple[bytes, bytes], name: str
+) -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        url = f"http://127.0.0.1:{server.port}/"
+        with pytest.raises(httpx.LocalProtocolError, match=name) as info:
+            await transport.post(url, b"{}", [header])
+        assert SECRET.decode() not in str(info.value)
+        async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+            request = client.build_request("GET", url)
+            request.headers = httpx.Headers([*request.headers.raw, header])
+            with pytest.raises(httpx.LocalProtocolError, match=name) as info:
+                await client.send(request)
+            assert SECRET.decode() not in str(info.value)
+            assert info.value.request is request
+            assert (await client.get(url)).status_code == 200  # the transport goes on
+    assert len(server.requests) == 1
+
+
+async def test_callers_framing_headers_give_way_to_the_real_length() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        url = f"http://127.0.0.1:{server.port}/"
+        framing = [(b"content-length", b"999"), (b"transfer-encoding", b"chunked")]
+        reply = await transport.post(url, b'{"a": 1}', framing)
+        assert reply.status == 200
+        await transport.aclose()
+    assert b"content-length: 8" in server.requests[0]
+    assert b"999" not in server.requests[0]
+    assert b"chunked" not in server.requests[0]

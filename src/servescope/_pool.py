@@ -34,7 +34,7 @@ from ._responses import (
     usage_of,
 )
 from ._retry import parse_retry_after, retry_delay
-from ._transport import Reply
+from ._transport import Reply, bad_header
 
 __all__ = ["Post", "RequestPool"]
 
@@ -72,6 +72,28 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
         raise BadRequest(f"the request payload is not JSON: {exc}", status_code=None) from exc
 
 
+def encode_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as bytes (names in lower case), or ``BadRequest`` naming one that cannot be.
+
+    Only the types and the encoding are checked here; what HTTP allows in a name or a
+    value is the transport's to refuse. A value is never shown: it may be a secret.
+    """
+    encoded = []
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            problem = f"header names must be str, not {type(name).__name__}"
+        elif not isinstance(value, str):
+            problem = f"header {name!r}: values must be str, not {type(value).__name__}"
+        else:
+            try:
+                encoded.append((name.lower().encode(), value.encode()))
+                continue
+            except UnicodeEncodeError:
+                problem = f"header {name!r} cannot be encoded as UTF-8 (a lone surrogate?)"
+        raise BadRequest(f"the request cannot be sent: {problem}", status_code=None)
+    return encoded
+
+
 class RequestPool:
     """Posts OpenAI requests to one server over keep-alive connections (``post``).
 
@@ -92,7 +114,12 @@ class RequestPool:
         rng: random.Random | None = None,
     ) -> None:
         self._post = post
-        self._headers = [(key.lower().encode(), value.encode()) for key, value in headers.items()]
+        try:
+            self._headers, self._unsendable = encode_headers(headers), ""
+        except (
+            BadRequest
+        ) as exc:  # a configured header that cannot be encoded: every request says so
+            self._headers, self._unsendable = [], str(exc)
         self._config = config
         self._base_url = base_url
         self._wait_ready = wait_ready
@@ -174,9 +201,11 @@ class RequestPool:
 
     def _wire_headers(self, headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
         """The pool's headers with the caller's on top (once per request, not per attempt)."""
+        if self._unsendable:
+            raise BadRequest(self._unsendable, status_code=None)
         if not headers:
             return self._headers
-        extra = {key.lower().encode(): value.encode() for key, value in headers.items()}
+        extra = dict(encode_headers(headers))
         return [item for item in self._headers if item[0] not in extra] + list(extra.items())
 
     async def _attempt(
@@ -190,6 +219,12 @@ class RequestPool:
                 reply = await self._post(self._base_url() + path, body, headers)
         except httpx.TimeoutException as exc:
             return _Retry(RequestTimeout(f"no answer from {path} in time ({exc})"))
+        except httpx.LocalProtocolError as exc:
+            # Not chained: httpcore's message (the proxied path) quotes the bad header's value.
+            problem = bad_header(headers) or str(exc)
+            raise BadRequest(f"{path} cannot be sent: {problem}", status_code=None) from None
+        except httpx.UnsupportedProtocol as exc:
+            raise RequestError(f"{path}: {exc}") from exc
         except httpx.TransportError as exc:
             return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))
         if reply is None:

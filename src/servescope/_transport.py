@@ -19,6 +19,7 @@ connections. Errors are httpx's exception classes either way. Bodies are read wh
 
 from __future__ import annotations
 
+import re
 import select
 import ssl
 import time
@@ -32,12 +33,16 @@ import anyio.abc
 import h11
 import httpx
 
-__all__ = ["MAX_BODY", "Reply", "SlotTransport"]
+__all__ = ["MAX_BODY", "Reply", "SlotTransport", "bad_header"]
 
 MAX_BODY = 64 * 1024 * 1024
 """A response body larger than this is a protocol error (a server that lies about sizes)."""
 
 _READ_SIZE = 65536
+_FRAMING = (b"content-length", b"transfer-encoding")  # ours to set, from the body we send
+# h11's grammar (RFC 9110 token and field-value), to say which header it refused.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 _USER_AGENT = b"servescope"
 
 Origin = tuple[str, str, int]  # scheme, host, port
@@ -89,8 +94,13 @@ class _Connection:
     async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
         """Send one request and read its whole response."""
         conn = self.h11
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
+        headers = [item for item in headers if item[0].lower() not in _FRAMING]
+        headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
+        except h11.LocalProtocolError as exc:
+            # Not chained: h11's message quotes the bad header's value, which may be a secret.
+            raise httpx.LocalProtocolError(bad_header(headers) or f"unsendable: {exc}") from None
         if body:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -248,11 +258,7 @@ class SlotTransport(httpx.AsyncBaseTransport):
         if origin[0] not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url}", request=request)
         body = await request.aread()
-        headers = [
-            (key, value)
-            for key, value in request.headers.raw
-            if key.lower() not in (b"content-length", b"transfer-encoding")
-        ]
+        headers = list(request.headers.raw)
         timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
         limit = timeouts.get("read")
         method = request.method.encode()
@@ -273,6 +279,26 @@ class SlotTransport(httpx.AsyncBaseTransport):
         for connections in idle.values():
             for connection in connections:
                 await connection.aclose()
+
+
+def bad_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Which header HTTP/1.1 cannot carry, and why, or ``None`` if all can.
+
+    Names the header but never shows its value (an API key may be the one with the
+    line break), and shows a bad name only up to its first bad byte.
+    """
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            valid = _TOKEN.match(name)
+            prefix = valid.group() if valid else b""
+            bad = name[len(prefix) : len(prefix) + 1]
+            return f"header name {prefix.decode()!r} is followed by {bad!r}: not allowed in a name"
+        if not _FIELD_VALUE.fullmatch(value):
+            return (
+                f"header {name.decode()!r} has a value HTTP cannot carry (a line break, NUL, "
+                "or leading or trailing whitespace); the value is not shown"
+            )
+    return None
 
 
 def _default_port(scheme: str) -> int:
