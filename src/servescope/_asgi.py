@@ -3,8 +3,10 @@
 hypercorn's asyncio and trio ``serve`` differ in how they report their address, so
 we bind and listen on the socket ourselves (the port is known before hypercorn
 starts, and connections queue in the backlog meanwhile) and hand it over by
-overriding ``Config.create_sockets``. A ``shutdown_trigger`` is always passed:
-without one hypercorn installs process signal handlers, which a library must not.
+overriding ``Config.create_sockets``. Binding and listening are separate steps
+(``bound_socket``, then ``listen``) for a server that holds its port before it accepts.
+A ``shutdown_trigger`` is always passed: without one hypercorn installs process signal
+handlers, which a library must not.
 """
 
 from __future__ import annotations
@@ -19,20 +21,32 @@ import anyio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config, Sockets
 
-__all__ = ["listen_socket", "serve_asgi"]
+__all__ = ["bound_socket", "listen_socket", "serve_asgi"]
 
 logger = logging.getLogger("servescope.dummy")
 
 
-def listen_socket(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket with ``TCP_NODELAY`` (keep-alive replies otherwise wait
-    ~40 ms for delayed ACKs on loopback) and a backlog sized for the expected load."""
+def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, not listening: the port is held, connections
+    are refused. ``SO_REUSEADDR`` lets it bind while the port's old connections linger in
+    TIME_WAIT (~60 s after a restart); ``TCP_NODELAY`` because keep-alive replies otherwise
+    wait ~40 ms for delayed ACKs on loopback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024) -> socket.socket:
+    """A ``bound_socket`` listening with a backlog sized for the expected load."""
+    sock = bound_socket(host, port)
+    try:
         sock.listen(backlog)
     except BaseException:
         sock.close()

@@ -44,7 +44,7 @@ from typing import BinaryIO
 
 import anyio
 
-from servescope._asgi import listen_socket, serve_asgi
+from servescope._asgi import bound_socket, listen_socket, serve_asgi
 from servescope._dummy_app import DEFAULT_TEXT, DummyApp, DummySettings
 from servescope._faults import FaultSchedule
 
@@ -175,26 +175,21 @@ def _settings(args: argparse.Namespace) -> DummySettings:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """The socket ``_serve`` listens on once ready: bound now, so the port is held."""
     try:
-        sock.bind((host, port))
+        return bound_socket(host, port)
     except OSError as exc:
-        sock.close()
         print("Traceback (most recent call last):", file=sys.stderr)
         print(f"OSError: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    return sock
 
 
 async def _serve(args: argparse.Namespace, start: float) -> None:
-    sock = _bind(args.host, args.port)  # bound now, refusing connections until ready
+    served = _bind(args.host, args.port)  # refusing connections until it listens
     if args.never_ready:
         await anyio.sleep_forever()
     await _at(args.ready_after, start)
-    sock.close()
-    served = listen_socket(args.host, args.port, backlog=4096)
+    served.listen(4096)
     settings = _settings(args)
     schedule = FaultSchedule(tuple(args.faults), args.fault_rate, args.fault_seed)
     first_ok = False
