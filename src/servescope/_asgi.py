@@ -7,6 +7,14 @@ overriding ``Config.create_sockets``. Binding and listening are separate steps
 (``bound_socket``, then ``listen``) for a server that holds its port before it accepts.
 A ``shutdown_trigger`` is always passed: without one hypercorn installs process signal
 handlers, which a library must not.
+
+Out of file descriptors, both loops' accept loops log a traceback per failed
+``accept()``: asyncio's (``selector_events``) through the loop's exception handler, which
+logs "socket.accept() out of system resource" on the ``asyncio`` logger ``backlog`` times
+per wake-up (thousands a second); trio's (``serve_listeners``) "accept returned EMFILE ..."
+on ``trio.serve_listeners`` every 100 ms. While ``serve_asgi`` runs, a filter on those
+two loggers lets one such record a minute through (the first with its traceback) and
+touches no other record.
 """
 
 from __future__ import annotations
@@ -15,6 +23,10 @@ import logging
 import socket
 import ssl
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -104,14 +116,98 @@ async def serve_asgi(
         with serving:
             await serve_on_loop(app, config, shutdown_trigger=stop.wait)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        task_status.started()
+    with _ACCEPT_ERRORS_QUIETED.installed():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                stop.set()
+                serving.deadline = anyio.current_time() + shutdown_grace + 1.0
+
+
+#: How each loop's accept loop words "accept() failed for want of descriptors or memory",
+#: by logger (asyncio's ``selector_events``, trio's ``_highlevel_serve_listeners``).
+ACCEPT_ERRORS = {
+    "asyncio": "socket.accept() out of system resource",
+    "trio.serve_listeners": "accept returned ",
+}
+#: At most one accept error is logged per this many seconds.
+ACCEPT_ERROR_INTERVAL = 60.0
+
+
+def is_accept_error(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a loop's report that ``accept()`` ran out of resources."""
+    prefix = ACCEPT_ERRORS.get(record.name)
+    return prefix is not None and isinstance(record.msg, str) and record.msg.startswith(prefix)
+
+
+class AcceptErrorThrottle(logging.Filter):
+    """Lets one accept error per ``interval`` through, the first with its traceback and
+    later ones with a count of those dropped instead; passes every other record untouched."""
+
+    def __init__(
+        self,
+        interval: float = ACCEPT_ERROR_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()  # loops in several threads may log at once
+        self._next: float | None = None
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not is_accept_error(record):
+            return True
+        now = self._clock()
+        with self._lock:
+            first = self._next is None
+            if self._next is not None and now < self._next:
+                self._dropped += 1
+                return False
+            self._next = now + self._interval
+            dropped, self._dropped = self._dropped, 0
+        if not first:
+            record.exc_info = record.exc_text = None
+            record.msg = f"{record.msg} ({dropped} more since the last, not logged)"
+        return True
+
+
+class SharedFilter:
+    """A filter on some loggers while anyone uses it: added by the first user, removed by
+    the last (several servers may run at once, on loops in several threads)."""
+
+    def __init__(self, logger_names: tuple[str, ...], make: Callable[[], logging.Filter]) -> None:
+        self._loggers = [logging.getLogger(name) for name in logger_names]
+        self._make = make
+        self._lock = threading.Lock()
+        self._users = 0
+        self._filter: logging.Filter | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Keeps the filter on the loggers for the duration of the ``with`` block."""
+        with self._lock:
+            if self._users == 0:
+                self._filter = self._make()
+                for logger in self._loggers:
+                    logger.addFilter(self._filter)
+            self._users += 1
         try:
-            await anyio.sleep_forever()
+            yield
         finally:
-            stop.set()
-            serving.deadline = anyio.current_time() + shutdown_grace + 1.0
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._filter is not None:
+                    for logger in self._loggers:
+                        logger.removeFilter(self._filter)
+                    self._filter = None
+
+
+_ACCEPT_ERRORS_QUIETED = SharedFilter(tuple(ACCEPT_ERRORS), AcceptErrorThrottle)
 
 
 def _running_trio() -> bool:
