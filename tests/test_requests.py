@@ -458,3 +458,16 @@ async def test_api_key_with_a_line_break_is_a_bad_request() -> None:
     assert KEY not in str(info.value)
     assert server.requests == []
     assert pool.metrics.retried == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "base_url", ["http://[::1", "http://127.0.0.1:70000", "ftp://127.0.0.1"], ids=str
+)
+async def test_unusable_url_is_a_request_error_not_retried(base_url: str) -> None:
+    async with scripted_pool(always(answer(200, b"{}"))) as (pool, _):
+        pool._base_url = lambda: base_url
+        with pytest.raises(RequestError) as info:
+            await pool.request({"prompt": "hi"})
+    assert type(info.value) is RequestError
+    assert pool.metrics.retried == 0

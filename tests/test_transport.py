@@ -235,3 +235,18 @@ async def test_callers_framing_headers_give_way_to_the_real_length() -> None:
     assert b"content-length: 8" in server.requests[0]
     assert b"999" not in server.requests[0]
     assert b"chunked" not in server.requests[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1/v1", "IPv6"),
+        ("http://127.0.0.1:70000/", "[Pp]ort"),
+        ("http://127.0.0.1:abc/", "[Pp]ort"),
+        ("http://127.0.0.1:-1/", "[Pp]ort"),
+    ],
+    ids=["ipv6", "port-range", "port-name", "port-negative"],
+)
+async def test_malformed_url_is_an_invalid_url(url: str, problem: str) -> None:
+    with pytest.raises(httpx.InvalidURL, match=problem):
+        await SlotTransport().post(url, b"{}")

@@ -223,7 +223,7 @@ class RequestPool:
             # Not chained: httpcore's message (the proxied path) quotes the bad header's value.
             problem = bad_header(headers) or str(exc)
             raise BadRequest(f"{path} cannot be sent: {problem}", status_code=None) from None
-        except httpx.UnsupportedProtocol as exc:
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise RequestError(f"{path}: {exc}") from exc
         except httpx.TransportError as exc:
             return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))

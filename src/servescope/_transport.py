@@ -100,7 +100,8 @@ class _Connection:
             events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
         except h11.LocalProtocolError as exc:
             # Not chained: h11's message quotes the bad header's value, which may be a secret.
-            raise httpx.LocalProtocolError(bad_header(headers) or f"unsendable: {exc}") from None
+            problem = bad_header(headers) or f"HTTP/1.1 cannot carry this request: {exc}"
+            raise httpx.LocalProtocolError(problem) from None
         if body:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -241,10 +242,14 @@ class SlotTransport(httpx.AsyncBaseTransport):
     def _split(self, url: str) -> tuple[Origin, bytes]:
         known = self._origins.get(url)
         if known is None:
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                port = parts.port  # checked only when read
+            except ValueError as exc:  # a bad port, a broken IPv6 literal
+                raise httpx.InvalidURL(f"malformed URL {url!r}: {exc}") from exc
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url!r}")
-            port = parts.port or _default_port(parts.scheme)
+            port = _default_port(parts.scheme) if port is None else port
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             known = (parts.scheme, parts.hostname, port), target.encode()
             if len(self._origins) < 256:
