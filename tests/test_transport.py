@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 import anyio.abc
@@ -83,6 +85,38 @@ async def test_keep_alive_reuses_one_connection() -> None:
     assert server.connections == 1
     assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1")
     assert f"host: 127.0.0.1:{server.port}".encode() in server.requests[0]
+
+
+@contextmanager
+def descriptors_past_1023() -> Iterator[None]:
+    """Hold enough descriptors open that new sockets get numbers past select's 1023."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 1024 + 1200
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    held = [os.open(os.devnull, os.O_RDONLY)]
+    try:
+        while held[-1] < 1100:
+            held.append(os.dup(held[0]))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_keep_alive_with_descriptors_past_1023() -> None:
+    with descriptors_past_1023():
+        async with raw_server(always(OK)) as server:
+            transport = SlotTransport()
+            for _ in range(3):
+                await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+            (connection,) = transport._idle[("http", "127.0.0.1", server.port)]
+            assert connection.sock.fileno() > 1023
+            await transport.aclose()
+    assert server.connections == 1
 
 
 async def test_connection_closed_by_server_while_idle_is_not_reused() -> None:

@@ -73,6 +73,12 @@ class _Connection:
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.idle_since = time.monotonic()
+        # poll, not select: select refuses descriptors past 1023, and every connection
+        # would then look unusable after one request.
+        self._poller: select.poll | None = None
+        if sock is not None:
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLIN)
 
     @property
     def idle(self) -> bool:
@@ -83,13 +89,12 @@ class _Connection:
         """Idle, not expired, and not closed (or sending) from the server's side."""
         if not self.idle or time.monotonic() - self.idle_since > keepalive_expiry:
             return False
-        if self.sock is None:
+        if self._poller is None:
             return True
-        try:  # readable while idle means EOF or junk: either way, not reusable
-            readable, _, _ = select.select([self.sock], [], [], 0)
+        try:  # readable (EOF or junk), hung up or in error while idle: not reusable
+            return not self._poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
         """Send one request and read its whole response."""
