@@ -23,6 +23,8 @@ import pytest
 
 import servescope
 
+from ..conftest import leftover_processes
+
 BUILDER = Path(__file__).with_name("make_tiny_model.py")
 #: A model vLLM's CPU backend serves, and one whose engine dies on its first request.
 TINY_MODELS = {"tiny64": 64, "tiny16": 16}
@@ -81,28 +83,25 @@ def vllm_config(model: str | Path, log_dir: Path, **overrides: Any) -> servescop
     return servescope.VLLMConfig(**settings)
 
 
-def vllm_processes(since: float) -> list[str]:
-    """Live processes started since ``since`` whose command line mentions vLLM."""
+def processes_left(since: float) -> list[str]:
+    """Live processes started since ``since`` by this test run (they carry its token, as
+    ``tests/conftest.py`` sets it), described; a vLLM running beside the tests is not one."""
     found = []
-    for proc in psutil.process_iter(["pid", "create_time", "cmdline", "status"]):
-        info = proc.info
-        if info["pid"] == os.getpid() or (info["create_time"] or 0) < since - 0.5:
-            continue
-        if info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        cmdline = " ".join(info["cmdline"] or [])
-        if "vllm" in cmdline.lower():
-            found.append(f"{info['pid']}: {cmdline[:200]}")
+    for proc in leftover_processes(since):
+        try:
+            found.append(f"{proc.pid}: {' '.join(proc.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
 @pytest.fixture
 def no_vllm_left() -> Iterator[float]:
-    """Yields the test's start time; afterwards, no vLLM process started since may live."""
+    """Yields the test's start time; afterwards, no process the test started may live."""
     since = time.time()
     yield since
-    left = vllm_processes(since)
-    assert not left, f"vLLM processes left running: {left}"
+    left = processes_left(since)
+    assert not left, f"processes left running: {left}"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import servescope
 from servescope._serverlog import log_file_name
 
-from .conftest import vllm_config, vllm_processes
+from .conftest import processes_left, vllm_config
 
 pytestmark = pytest.mark.anyio
 
@@ -209,7 +209,7 @@ async def test_missing_model_is_a_start_error_with_vllms_reason(
     message = str(info.value)
     assert "HFValidationError" in message or "Repo id" in message, message
     assert server.pid is not None
-    assert not vllm_processes(no_vllm_left)
+    assert not processes_left(no_vllm_left)
 
 
 @pytest.mark.timeout(300)
