@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import servescope
 from servescope import BadRequest, DummyConfig, RequestError, RetriesExhausted, open_server
 from servescope._pool import RequestPool
+from servescope._redact import MASK, Redactor
 from servescope._responses import classify_status, parse_completion, parse_json
 from servescope._retry import backoff_delay, parse_retry_after, retry_delay
 from servescope._transport import SlotTransport
@@ -471,3 +472,68 @@ async def test_unusable_url_is_a_request_error_not_retried(base_url: str) -> Non
             await pool.request({"prompt": "hi"})
     assert type(info.value) is RequestError
     assert pool.metrics.retried == 0
+
+
+class EchoAuth:
+    """A script that answers ``status`` with a body quoting the request's Authorization."""
+
+    def __init__(self, status: int, template: bytes = b'{"error": "invalid key: %s"}') -> None:
+        self.status, self.template = status, template
+        self.server: RawServer | None = None
+
+    def __call__(self, connection: int, request: int) -> tuple[bytes, bool]:
+        assert self.server is not None
+        head = self.server.requests[-1]
+        (auth,) = [
+            line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization")
+        ]
+        body = self.template.replace(b"%s", auth.partition(b":")[2].strip())
+        if self.status == 0:  # not HTTP at all
+            return body + b"\r\n\r\n", True
+        return answer(self.status, body), False
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "template", "kind"),
+    [
+        (401, b'{"error": "invalid key: %s"}', BadRequest),
+        (401, b'{"error": "' + b"x" * 275 + b' %s"}', BadRequest),  # cut at the excerpt's end
+        (418, b"no tea for %s", RequestError),
+        (200, b"<html>%s</html>", RequestError),
+        (200, b'{"echo": "%s"}', RequestError),  # no choices: parse_completion's excerpt
+        (0, b"HTTP/1.1 %s", RetriesExhausted),  # a broken status line, quoted by h11
+    ],
+    ids=["401", "401-cut", "418", "not-json", "no-choices", "broken-http"],
+)
+async def test_secrets_echoed_by_the_server_are_redacted(
+    status: int, template: bytes, kind: type[RequestError]
+) -> None:
+    script = EchoAuth(status, template)
+    async with scripted_pool(script, redact=Redactor([KEY])) as (pool, server):
+        script.server = server
+        with pytest.raises(kind) as info:
+            await pool.chat([{"role": "user", "content": "hi"}])
+    error: BaseException | None = info.value
+    while error is not None:
+        assert KEY[:6] not in str(error)
+        assert KEY[:6] not in getattr(error, "body", "")
+        error = error.__cause__
+    assert MASK[:4] in str(info.value)
+    assert KEY.encode() in server.requests[0]  # it was sent, as it should be
+
+
+def test_parse_completion_with_the_pools_redaction() -> None:
+    pool = RequestPool(
+        SlotTransport().post,
+        DummyConfig(),
+        headers={},
+        base_url=lambda: "http://127.0.0.1:9",
+        wait_ready=_ready,
+        check_open=lambda: None,
+        redact=Redactor([KEY]),
+    )
+    with pytest.raises(RequestError, match="no choices") as info:
+        pool.parse_completion({"error": f"bad key {KEY}"})
+    assert KEY not in str(info.value)
+    assert pool.parse_completion({"choices": [{"text": "ok"}]}).text == "ok"

@@ -28,6 +28,7 @@ from ._errors import BadRequest, RequestError, RequestTimeout, RetriesExhausted
 from ._metrics import Metrics, MetricsSnapshot
 from ._responses import (
     Completion,
+    Redact,
     classify_status,
     parse_completion,
     parse_json,
@@ -94,12 +95,18 @@ def encode_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     return encoded
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 class RequestPool:
     """Posts OpenAI requests to one server over keep-alive connections (``post``).
 
     ``base_url``, ``wait_ready`` and ``check_open`` come from the server scope:
     requests wait for readiness by themselves, see the current address after a
     restart, and fail fast with the server's own error once the scope has failed.
+    ``redact`` (the scope's ``Redactor``) blanks secrets out of every error message
+    built from what a server sent: a server may quote the API key back.
     """
 
     def __init__(
@@ -112,14 +119,15 @@ class RequestPool:
         wait_ready: Callable[[], Awaitable[None]],
         check_open: Callable[[], None],
         rng: random.Random | None = None,
+        redact: Redact | None = None,
     ) -> None:
         self._post = post
+        # A configured header that cannot be encoded: every request says so.
         try:
             self._headers, self._unsendable = encode_headers(headers), ""
-        except (
-            BadRequest
-        ) as exc:  # a configured header that cannot be encoded: every request says so
+        except BadRequest as exc:
             self._headers, self._unsendable = [], str(exc)
+        self._redact = redact or _as_is
         self._config = config
         self._base_url = base_url
         self._wait_ready = wait_ready
@@ -190,14 +198,17 @@ class RequestPool:
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """A chat completion for ``messages``."""
-        return parse_completion(
-            await self.request({"messages": messages, **params}, path=CHAT_PATH)
-        )
+        response = await self.request({"messages": messages, **params}, path=CHAT_PATH)
+        return self.parse_completion(response)
 
     async def complete(self, prompt: str, **params: Any) -> Completion:
         """A text completion of ``prompt``."""
         response = await self.request({"prompt": prompt, **params}, path=COMPLETIONS_PATH)
-        return parse_completion(response)
+        return self.parse_completion(response)
+
+    def parse_completion(self, response: dict[str, Any]) -> Completion:
+        """``parse_completion`` with this pool's secrets kept out of its errors."""
+        return parse_completion(response, self._redact)
 
     def _wire_headers(self, headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
         """The pool's headers with the caller's on top (once per request, not per attempt)."""
@@ -211,29 +222,30 @@ class RequestPool:
     async def _attempt(
         self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> dict[str, Any] | _Retry:
-        limit = self._config.request_timeout
+        limit, redact = self._config.request_timeout, self._redact
         reply = None
         try:
             # A bare CancelScope, not fail_after: lighter per request held in flight.
             with anyio.CancelScope(deadline=anyio.current_time() + limit):
                 reply = await self._post(self._base_url() + path, body, headers)
         except httpx.TimeoutException as exc:
-            return _Retry(RequestTimeout(f"no answer from {path} in time ({exc})"))
+            return _Retry(RequestTimeout(redact(f"no answer from {path} in time ({exc})")))
         except httpx.LocalProtocolError as exc:
             # Not chained: httpcore's message (the proxied path) quotes the bad header's value.
-            problem = bad_header(headers) or str(exc)
+            problem = redact(bad_header(headers) or str(exc))
             raise BadRequest(f"{path} cannot be sent: {problem}", status_code=None) from None
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise RequestError(f"{path}: {exc}") from exc
-        except httpx.TransportError as exc:
-            return _Retry(RequestError(f"{path}: {type(exc).__name__}: {exc}"))
+            # Not chained: the cause would repeat the URL, unredacted.
+            raise RequestError(redact(f"{path}: {exc}")) from None
+        except httpx.TransportError as exc:  # h11's message may quote what the server sent
+            return _Retry(RequestError(redact(f"{path}: {type(exc).__name__}: {exc}")))
         if reply is None:
             return _Retry(RequestTimeout(f"no complete answer from {path} within {limit:g} s"))
-        error = classify_status(reply.status, reply.content)
+        error = classify_status(reply.status, reply.content, redact)
         if error is not None:
             raise error
         if reply.status >= 300:
             retry_after = parse_retry_after(reply.header(b"retry-after"))
             message = f"server answered {reply.status} to {path}"
             return _Retry(RequestError(message), retry_after)
-        return parse_json(reply.content)
+        return parse_json(reply.content, redact)

@@ -15,8 +15,9 @@ any other                                  RequestError, not retried
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from ._errors import BadRequest, RequestError
 
@@ -24,6 +25,7 @@ __all__ = [
     "BAD_REQUEST_STATUSES",
     "RETRYABLE_STATUSES",
     "Completion",
+    "Redact",
     "Usage",
     "classify_status",
     "excerpt",
@@ -35,6 +37,9 @@ __all__ = [
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BAD_REQUEST_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 422})
 EXCERPT_CHARS = 300
+
+Redact: TypeAlias = Callable[[str], str]
+"""Blanks secrets out of a text (``servescope._redact.Redactor``)."""
 
 
 @dataclass(frozen=True)
@@ -65,26 +70,31 @@ class Completion:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def excerpt(body: bytes | str, limit: int = EXCERPT_CHARS) -> str:
-    """The start of a response body, safe to put in an error message."""
+def excerpt(body: bytes | str, limit: int = EXCERPT_CHARS, redact: Redact | None = None) -> str:
+    """The start of a response body, safe to put in an error message.
+
+    Secrets are blanked before the cut, so that none is left half shown at the end.
+    """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = text if redact is None else redact(text)
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
 
 
-def classify_status(status: int, body: bytes) -> RequestError | None:
+def classify_status(status: int, body: bytes, redact: Redact | None = None) -> RequestError | None:
     """The error for a non-2xx status, or ``None`` if the request may be retried.
 
     A 2xx status returns ``None`` too; the caller parses the body.
     """
     if 200 <= status < 300 or status in RETRYABLE_STATUSES:
         return None
-    message = f"server answered {status}: {excerpt(body)}"
+    quoted = excerpt(body, redact=redact)
+    message = f"server answered {status}: {quoted}"
     if status in BAD_REQUEST_STATUSES:
-        return BadRequest(message, status_code=status, body=excerpt(body))
+        return BadRequest(message, status_code=status, body=quoted)
     return RequestError(message)
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes, redact: Redact | None = None) -> dict[str, Any]:
     """A JSON object from a response body, or ``RequestError`` with an excerpt.
 
     ``ValueError`` covers bad UTF-8 and an integer past Python's digit limit as well as
@@ -93,23 +103,24 @@ def parse_json(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
     except RecursionError:
-        message = f"response JSON is nested too deeply to parse: {excerpt(body)!r}"
+        message = f"response JSON is nested too deeply to parse: {excerpt(body, redact=redact)!r}"
         raise RequestError(message) from None
     except ValueError as exc:
-        raise RequestError(f"response is not valid JSON ({exc}): {excerpt(body)!r}") from None
+        message = f"response is not valid JSON ({exc}): {excerpt(body, redact=redact)!r}"
+        raise RequestError(message) from None
     if not isinstance(value, dict):
-        raise RequestError(f"response is not a JSON object: {excerpt(body)!r}")
+        raise RequestError(f"response is not a JSON object: {excerpt(body, redact=redact)!r}")
     return value
 
 
-def parse_completion(response: dict[str, Any]) -> Completion:
+def parse_completion(response: dict[str, Any], redact: Redact | None = None) -> Completion:
     """A ``Completion`` from a chat or text completion response.
 
     Raises ``RequestError`` naming what is missing or mistyped — never ``KeyError``.
     """
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise RequestError(f"response has no choices: {_quote(response)}")
+        raise RequestError(f"response has no choices: {_quote(response, redact)}")
     choice = choices[0]
     message = choice.get("message")
     reasoning: Any = None
@@ -121,7 +132,7 @@ def parse_completion(response: dict[str, Any]) -> Completion:
     if text is None:
         text = ""
     if not isinstance(text, str) or not isinstance(reasoning, str | None):
-        raise RequestError(f"response text is not a string: {_quote(choice)}")
+        raise RequestError(f"response text is not a string: {_quote(choice, redact)}")
     finish = choice.get("finish_reason")
     return Completion(
         text=text,
@@ -132,10 +143,10 @@ def parse_completion(response: dict[str, Any]) -> Completion:
     )
 
 
-def _quote(value: Any) -> str:
+def _quote(value: Any, redact: Redact | None) -> str:
     """An excerpt of a parsed value as JSON, for an error message; never raises."""
     try:
-        return excerpt(json.dumps(value))
+        return excerpt(json.dumps(value, ensure_ascii=False), redact=redact)
     except RecursionError:
         return "[JSON nested too deeply to quote]"
     except (TypeError, ValueError):  # not from json.loads: a caller built it
