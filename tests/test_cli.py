@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -19,9 +25,16 @@ from .conftest import DUMMY_SCRIPT
 SCRIPT = Path(sys.executable).with_name("servescope")
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -229,3 +242,218 @@ def test_version_and_usage_errors() -> None:
     assert version.returncode == 0 and version.stdout.startswith("servescope ")
     usage = run("generate")  # no input, no output
     assert usage.returncode == 2 and "required" in usage.stderr
+
+
+def wait_for_output(out: Path, size: int, job: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < size):
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """An endpoint URL nothing listens at: a server start there fails at once (exit 1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_truncated_input_exits_3_and_a_rerun_finishes(tmp_path: Path) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = write_prompts(prompts, 2000)
+    command = [str(SCRIPT), "generate", str(prompts), "-o", str(out), "--progress", "none"]
+    job = subprocess.Popen(
+        [*command, "--concurrency", "4", "--set", "latency=0.02"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_output(out, 500, job)
+        with prompts.open("r+b") as file:  # another process cuts the input short
+            file.truncate(300)
+    finally:
+        _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 3, stderr
+    found = re.search(r"read (\d+) of the 2000 lines", stderr.replace("\n", " "))
+    assert found and 0 < int(found[1]) < 2000, stderr
+    assert "rerun" in stderr and "Traceback" not in stderr
+    partial = output_ids(out)
+    assert 0 < len(partial) < 2000 and set(partial.values()) == {1}
+    write_prompts(prompts, 2000)
+    rerun = run(*command[1:])
+    assert rerun.returncode == 0, rerun.stderr
+    counts = output_ids(out)
+    assert set(counts) == {json.dumps(i) for i in ids} and set(counts.values()) == {1}
+
+
+def test_second_job_on_the_same_output_is_refused(tmp_path: Path) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 400)
+    command = [str(SCRIPT), "generate", str(prompts), "-o", str(out), "--progress", "none"]
+    command += ["--concurrency", "4", "--set", "latency=0.05"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_output(out, 100, first)
+        second = run(*command[1:])
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+    assert second.returncode == 2, second.stderr
+    assert first.returncode == 130  # still running when the second was refused
+    assert f"{out} is being written by another servescope generate job" in second.stderr.replace(
+        "\n", " "
+    )
+    assert "Traceback" not in second.stderr
+    counts = output_ids(out)
+    assert 0 < len(counts) < 400 and set(counts.values()) == {1}
+
+
+def test_a_locked_output_is_refused_before_the_server_starts(
+    tmp_path: Path, refused_url: str
+) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 3)
+    with out.open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = run(
+            "generate", str(prompts), "-o", str(out), "--backend", "endpoint",
+            "--url", refused_url, "--model", "m",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr  # not 1: the endpoint was never tried
+    assert "another servescope generate job" in done.stderr
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize("where", ["output under a file", "output dir missing", "errors dir"])
+def test_unwritable_output_or_errors_file_is_refused_before_the_server_starts(
+    tmp_path: Path, refused_url: str, where: str
+) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 3)
+    (tmp_path / "a-file").write_text("")
+    flags = {
+        "output under a file": ["-o", str(tmp_path / "a-file" / "out.jsonl")],
+        "output dir missing": ["-o", str(tmp_path / "no" / "out.jsonl")],
+        "errors dir": ["-o", str(out), "--errors", str(tmp_path / "no" / "x.errors")],
+    }[where]
+    done = run(
+        "generate", str(prompts), *flags, "--backend", "endpoint", "--url", refused_url,
+        "--model", "m",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    which = "errors file" if where == "errors dir" else "output"
+    assert f"cannot write the {which}" in done.stderr.replace("\n", " ")
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_lone_surrogates_in_ids_and_replies_are_written_and_resumed(tmp_path: Path) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 4, extra=('{"id": "\\ud800", "prompt": "x"}',))
+    command = ["generate", str(prompts), "-o", str(out), "--set", 'text="\\udfffreply"']
+    done = run(*command)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_bytes().decode().splitlines()]
+    assert len(records) == 5 and {r["text"] for r in records} == {"\udfffreply"}
+    assert json.dumps("\ud800") in output_ids(out)
+    again = run(*command)
+    assert again.returncode == 0, again.stderr
+    assert set(output_ids(out).values()) == {1} and len(output_ids(out)) == 5
+
+
+def test_deeply_nested_line_is_reported_and_skipped(tmp_path: Path) -> None:
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    deep = '{"id": 9, "prompt": "x", "p": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    write_prompts(prompts, 3, extra=(deep, json.dumps({"id": 10, "prompt": "y"})))
+    done = run("generate", str(prompts), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "in.jsonl:4:" in done.stderr and "nested" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert set(output_ids(out)) == {"0", '"q1"', "2", "10"}
+    errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [4] and len(errors[0]["text"]) == 200
+
+
+def test_concurrency_help_is_true_for_each_command() -> None:
+    generate, serve = run("generate", "--help"), run("serve", "--help")
+    assert "(default 64)" in " ".join(generate.stdout.split())
+    assert "(default 500)" in " ".join(serve.stdout.split())
+
+
+class EchoesTheKey(BaseHTTPRequestHandler):
+    """A broken endpoint whose error pages quote the request's Authorization header:
+    ``GET /v1/models`` answers 500, or with ``models_ok`` 200 and then every request 400."""
+
+    models_ok = False
+
+    def do_GET(self) -> None:
+        if self.models_ok:
+            self.answer(200, json.dumps({"object": "list", "data": [{"id": "m"}]}))
+        else:
+            self.answer(500, f"internal error; you sent {self.headers['Authorization']}")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.answer(400, f"bad request; you sent {self.headers['Authorization']}")
+
+    def answer(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+class ModelsOk(EchoesTheKey):
+    models_ok = True
+
+
+@pytest.fixture(params=[EchoesTheKey, ModelsOk], ids=["fails-to-start", "requests-fail"])
+def echoing_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), request.param)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+KEY = "sk-test-7f3a9c-never-printed"
+
+
+def test_the_api_key_is_never_printed_or_written(tmp_path: Path, echoing_endpoint: str) -> None:
+    """Not in an error message, a log line, or an error written to the results."""
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, 3)
+    done = run(
+        "generate", str(prompts), "-o", str(out), "--backend", "endpoint", "--url",
+        echoing_endpoint, "--model", "m", "--log-level", "DEBUG",
+        env={"SERVESCOPE_API_KEY": KEY},
+    )  # fmt: skip
+    assert KEY not in done.stderr + done.stdout + out.read_text()
+    if done.returncode == 1:  # the start check failed
+        assert "answered 500" in done.stderr and "you sent Bearer **********" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        messages = {json.loads(line)["error"]["message"] for line in out.read_text().splitlines()}
+        assert messages and all(m.endswith("you sent Bearer **********") for m in messages)
+
+
+def test_the_api_key_is_never_printed_when_the_config_fails(tmp_path: Path) -> None:
+    prompts = tmp_path / "in.jsonl"
+    write_prompts(prompts, 1)
+    done = run(
+        "generate", str(prompts), "-o", str(tmp_path / "out"), "--backend", "endpoint",
+        "--url", f"ftp://{KEY}@example", "--model", "m", env={"SERVESCOPE_API_KEY": KEY},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "must start with http://" in done.stderr and "**********" in done.stderr
+    assert KEY not in done.stderr + done.stdout

@@ -5,14 +5,31 @@ Crash safety comes from how the output is written: each finished request is one
 included) leaves every finished line on disk and at most one torn last line. On the next
 run that torn tail is cut off, the ids already written are skipped, and nothing is ever
 written twice. Requests in flight when the job died are simply sent again.
+
+One job writes an output at a time: ``prepare`` takes an exclusive ``flock`` on the
+output file itself before it reads it, and holds it until the job ends, so a second job
+on the same file (a job array resubmitted while the first still runs) is refused before
+its server starts. The lock dies with the process (SIGKILL included); no stale lock file
+is left to clear. Everything that can be checked without a server is checked there too:
+the input exists, the output and the errors file can be written.
+
+Input lines are hostile until parsed: anything wrong with one (not JSON, nested past the
+parser's recursion limit, a missing prompt) makes it a malformed line, reported and
+skipped. A lone surrogate (``"\\ud800"``) is a valid JSON string but not valid UTF-8: a
+record holding one is written with ``\\u`` escapes, which read back as the same string.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
+import reprlib
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -21,20 +38,27 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._errors import ConfigError, RequestError
+from ._pool import CHAT_PATH, COMPLETIONS_PATH
+from ._redact import Redactor
+from ._responses import parse_completion
 from ._server import Server
 
 __all__ = [
     "Counts",
     "Job",
+    "Prepared",
     "Progress",
     "Prompt",
-    "check_input",
+    "count_lines",
+    "prepare",
     "read_prompts",
     "resume",
     "run_job",
 ]
 
 EXCERPT = 200
+#: ``flock`` errors that mean "this filesystem does not lock" (NFS without lockd, ...).
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 logger = logging.getLogger("servescope")
 
 
@@ -52,9 +76,15 @@ class Prompt:
 
 @dataclass
 class Counts:
-    """What the job did, for progress and the summary."""
+    """What the job did, for progress and the summary.
+
+    ``total`` is the number of non-blank input lines when the job started; ``read`` the
+    number it has read. Fewer read than there were once the job is through means the
+    input shrank under it (``input_shrank``).
+    """
 
     total: int = 0
+    read: int = 0
     skipped: int = 0
     malformed: int = 0
     succeeded: int = 0
@@ -66,6 +96,11 @@ class Counts:
     @property
     def done(self) -> int:
         return self.skipped + self.malformed + self.succeeded + self.failed
+
+    @property
+    def input_shrank(self) -> bool:
+        """Fewer lines read than the input had at the start (valid once all are read)."""
+        return self.read < self.total
 
     @property
     def errors(self) -> int:
@@ -95,13 +130,18 @@ class Progress(Protocol):
 
 @dataclass(frozen=True)
 class Job:
-    """A ``generate`` run's files and settings."""
+    """A ``generate`` run's files and settings.
+
+    ``redact`` blanks the config's secrets out of the error messages written to the
+    output: a server may quote the request's ``Authorization`` header in its answer.
+    """
 
     input: Path
     output: Path
     errors: Path
     concurrency: int = 64
     params: dict[str, Any] = field(default_factory=dict)
+    redact: Redactor = field(default_factory=Redactor)
 
 
 def resume(output: Path) -> set[str]:
@@ -117,7 +157,7 @@ def resume(output: Path) -> set[str]:
         for number, raw in enumerate(file, 1):
             try:
                 record = json.loads(raw) if raw.endswith(b"\n") else None
-            except ValueError:
+            except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8
                 record = None
             if not isinstance(record, dict) or "id" not in record:
                 if file.read(1):  # not the last line: not a torn tail
@@ -140,6 +180,8 @@ def _parse(line: int, text: str) -> Prompt:
         record = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("not JSON this parser can read: nested too deeply") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     params = dict(record)
@@ -147,7 +189,7 @@ def _parse(line: int, text: str) -> Prompt:
     messages = params.pop("messages", None)
     prompt = params.pop("prompt", None)
     if key is not None and (not isinstance(key, str | int) or isinstance(key, bool)):
-        raise ValueError(f"'id' must be a string or an integer, got {key!r}")
+        raise ValueError(f"'id' must be a string or an integer, got {reprlib.repr(key)}")
     if (messages is None) == (prompt is None):
         raise ValueError("needs exactly one of 'messages' (a list) or 'prompt' (a string)")
     if messages is not None and (
@@ -160,11 +202,16 @@ def _parse(line: int, text: str) -> Prompt:
 
 
 def read_prompts(path: Path) -> Iterator[tuple[int, str, Prompt | ValueError]]:
-    """Each non-blank input line: its number, its text, and the prompt or the problem."""
-    with path.open(encoding="utf-8", errors="replace") as file:
-        for number, text in enumerate(file, 1):
-            if not text.strip():
+    """Each non-blank input line: its number, its text, and the prompt or the problem.
+
+    Lines and blanks are told apart on bytes, exactly as ``count_lines`` does, so that
+    the lines read can be checked against the count taken at the start.
+    """
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, 1):
+            if not raw.strip():
                 continue
+            text = raw.decode("utf-8", errors="replace")
             try:
                 yield number, text, _parse(number, text)
             except ValueError as exc:
@@ -177,48 +224,130 @@ def count_lines(path: Path) -> int:
         return sum(1 for raw in file if raw.strip())
 
 
+def _line(record: dict[str, Any]) -> bytes:
+    """``record`` as one line of UTF-8 JSON.
+
+    Non-ASCII text is written as itself; a string holding a lone surrogate (from a
+    ``"\\ud800"`` escape in an input id or a server's reply) has no UTF-8 form, so that
+    record is written with ``\\u`` escapes instead, which read back as the same string.
+    """
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode()
+
+
 class _Writer:
     """Whole lines, one write and one flush each: never a torn line but the very last.
 
-    The file is opened at the first line (no empty errors file): ``mode`` ``"a"`` to
-    append (results), ``"w"`` to start afresh (this run's malformed lines).
+    Either to ``file``, already open (the results, appended), or to ``path``, opened
+    afresh at the first line (this run's malformed lines: no empty errors file).
     """
 
-    def __init__(self, path: Path, mode: str = "a") -> None:
+    def __init__(self, path: Path, file: IO[bytes] | None = None) -> None:
         self.path = path
-        self.mode = mode
-        self.file: IO[str] | None = None
+        self.file = file
+        self.owned = file is None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is None:
-            self.file = self.path.open(self.mode, encoding="utf-8")
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file = self.path.open("wb")
+        self.file.write(_line(record))
         self.file.flush()
 
     def close(self) -> None:
-        if self.file is not None:
+        if self.owned and self.file is not None:
             self.file.close()
 
 
-def check_input(job: Job) -> tuple[int, set[str]]:
-    """Before any server starts: the number of input lines and the ids already done
-    (``ConfigError`` for a missing input or an output file that is not ours)."""
+@dataclass(frozen=True)
+class Prepared:
+    """What ``prepare`` found: the input's non-blank lines, the ids already done, and
+    the output file, open for appending and locked."""
+
+    total: int
+    done: set[str]
+    output: IO[bytes]
+
+
+@contextmanager
+def prepare(job: Job) -> Iterator[Prepared]:
+    """Before any server starts: check the input and the errors file's place, lock the
+    output, read what it already holds. ``ConfigError`` says what is wrong.
+
+    The output stays locked until the block ends: a second job on it is refused here.
+    """
     if not job.input.is_file():
         raise ConfigError(f"input file {str(job.input)!r} does not exist")
-    if job.output.exists() and not job.output.is_file():
-        raise ConfigError(f"output {str(job.output)!r} is not a file")
-    return count_lines(job.input), resume(job.output)
+    _check_writable(job.output, "output")
+    _check_writable(job.errors, "errors file")
+    with _locked_output(job.output) as output:
+        done = resume(job.output)
+        yield Prepared(count_lines(job.input), done, output)
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """``path`` can be written, checked without making it: no empty errors file (it is
+    made at the first malformed line), no output file left by a job refused here."""
+    problem = None
+    if path.is_dir():
+        problem = "it is a directory"
+    elif what == "output" and path.exists() and not path.is_file():
+        problem = "it is not a regular file"
+    elif path.exists():
+        if not os.access(path, os.W_OK):
+            problem = "permission denied"
+    elif not path.parent.exists():
+        problem = f"directory {str(path.parent)!r} does not exist"
+    elif not path.parent.is_dir():
+        problem = f"{str(path.parent)!r} is not a directory"
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        problem = f"cannot create files in {str(path.parent)!r}"
+    if problem is not None:
+        raise ConfigError(f"cannot write the {what} {str(path)!r}: {problem}")
+
+
+@contextmanager
+def _locked_output(path: Path) -> Iterator[IO[bytes]]:
+    """``path`` opened for appending (made if missing) under an exclusive ``flock``.
+
+    Opening it is the final check that it can be written. A filesystem that cannot
+    lock costs only the protection: the job goes on, with a warning.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output {str(path)!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "ab") as file:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{path} is being written by another servescope generate job (it holds "
+                "the file's lock); wait for that job to end, or write to another file"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise ConfigError(f"cannot lock the output {str(path)!r}: {exc}") from None
+            logger.warning(
+                "cannot lock %s (%s): going on unlocked; make sure no other job writes it",
+                path,
+                exc.strerror,
+            )
+        yield file
 
 
 async def run_job(
-    server: Server, job: Job, done: set[str], progress: Progress, counts: Counts
+    server: Server, job: Job, prepared: Prepared, progress: Progress, counts: Counts
 ) -> None:
-    """Send every input line whose id is not in ``done`` through ``server``; write the
-    results. ``counts`` is updated as lines finish (the caller reports it, even if the job
-    is interrupted).
+    """Send every input line whose id is not in ``prepared.done`` through ``server``;
+    write the results to ``prepared.output``. ``counts`` is updated as lines finish (the
+    caller reports it, even if the job is interrupted); once the job is through,
+    ``counts.input_shrank`` says whether the input was cut short under it.
     """
+    done = prepared.done
     send, receive = anyio.create_memory_object_stream[Prompt](job.concurrency)
-    writer, error_writer = _Writer(job.output), _Writer(job.errors, "w")
+    writer, error_writer = _Writer(job.output, prepared.output), _Writer(job.errors)
     try:
         async with anyio.create_task_group() as tg:
             for _ in range(job.concurrency):
@@ -227,6 +356,7 @@ async def run_job(
             async with send:
                 seen: set[str] = set()
                 for number, text, parsed in read_prompts(job.input):
+                    counts.read += 1
                     if isinstance(parsed, ValueError):
                         logger.warning("%s:%d: %s (skipped)", job.input, number, parsed)
                         counts.malformed += 1
@@ -264,18 +394,14 @@ async def _worker(
 ) -> None:
     async with prompts:
         async for prompt in prompts:
-            params = {**job.params, **prompt.params}
             record: dict[str, Any] = {"id": prompt.id}
             if prompt.id_from_line:
                 record["id_from_line_number"] = True
+            payload, path = _payload(job, prompt)
             try:
-                if prompt.messages is not None:
-                    out = await server.chat(prompt.messages, **params)
-                else:
-                    assert prompt.prompt is not None
-                    out = await server.complete(prompt.prompt, **params)
+                out = parse_completion(await server.request(payload, path=path))
             except RequestError as exc:  # failed for good; a dead server raises ServerError
-                record["error"] = {"type": type(exc).__name__, "message": str(exc)}
+                record["error"] = {"type": type(exc).__name__, "message": job.redact(str(exc))}
                 counts.failed += 1
             else:
                 record.update(text=out.text, finish_reason=out.finish_reason)
@@ -290,3 +416,12 @@ async def _worker(
                 counts.completion_tokens += out.usage.completion_tokens
             writer.write(record)
             progress.update(counts)
+
+
+def _payload(job: Job, prompt: Prompt) -> tuple[dict[str, Any], str]:
+    """The request for ``prompt``, and its path. A payload, not keyword arguments: an
+    input line's parameters may have any name (``self`` included)."""
+    payload = {**job.params, **prompt.params}
+    if prompt.messages is not None:
+        return {**payload, "messages": prompt.messages}, CHAT_PATH
+    return {**payload, "prompt": prompt.prompt}, COMPLETIONS_PATH

@@ -5,8 +5,17 @@ built-in dummy backend by default) under servescope's supervision. Ctrl-C (SIGIN
 SIGTERM stops them cleanly: requests in flight are cancelled, the server's process tree
 is torn down, and ``generate`` exits with 130 / 143 with everything finished on disk.
 
-Exit codes: 0 done; 1 the server failed (start, crash); 2 bad usage, config or input;
-130 / 143 stopped by SIGINT / SIGTERM.
+Before any server starts, ``generate`` checks what it can: the input exists, the output
+and the errors file can be written, and no other job is writing the same output (it holds
+a lock on the output file for the whole job).
+
+Exit codes: 0 done; 1 the server failed (start, crash); 2 bad usage, config or input
+(another job writing the same output included); 3 the input file shrank while the job
+ran, so some of its lines were never read (everything finished is on disk: rerun to
+finish); 130 / 143 stopped by SIGINT / SIGTERM.
+
+No message the command prints carries a secret: every error, and every log line, passes
+through a ``Redactor`` of the config's secrets and ``SERVESCOPE_API_KEY``.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +50,9 @@ from rich.table import Table
 from . import __version__
 from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
-from ._generate import Counts, Job, Progress, check_input, run_job
+from ._generate import Counts, Job, Progress, prepare, run_job
 from ._loadconfig import BACKENDS, load_config, read_config_file
+from ._redact import Redactor, looks_secret
 from ._server import Server, open_server
 
 __all__ = ["main"]
@@ -63,6 +74,10 @@ CONFIG_FLAGS = {
     "startup_timeout": "startup_timeout",
     "log_dir": "log_dir",
 }
+#: ``generate``'s requests in flight unless set; ``serve`` keeps the config's default.
+GENERATE_CONCURRENCY = 64
+#: The input shrank under the job: some lines were never read.
+EXIT_INPUT_SHRANK = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--progress-interval", type=float, default=10.0)
     serve = commands.add_parser("serve", help="start the server, print its URL, keep it up")
+    concurrency = {
+        generate: GENERATE_CONCURRENCY,
+        serve: ServerConfig.model_fields["max_concurrency"].default,
+    }
     for command in (generate, serve):
         group = command.add_argument_group("server (flags override --config)")
         group.add_argument("--config", type=Path, help="a .toml or .json config file")
@@ -101,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--context-length", type=int, help="sglang")
         group.add_argument("--url", help="endpoint: the server's URL")
         group.add_argument("--script", type=Path, help="custom: the server script")
-        group.add_argument("--concurrency", type=int, help="requests in flight (default 64)")
+        group.add_argument(
+            "--concurrency",
+            type=int,
+            help=f"requests in flight (default {concurrency[command]})",
+        )
         group.add_argument("--startup-timeout", type=float)
         group.add_argument("--log-dir", type=Path, help="where the server's log file goes")
         group.add_argument(
@@ -118,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     """The config file's values, the flags on top, the API key from the environment."""
+    return load_config(_config_values(args))
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     for flag, key in CONFIG_FLAGS.items():
         value = getattr(args, flag, None)
@@ -132,11 +159,11 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         except ValueError:
             values[key.strip()] = text
     if "max_concurrency" not in values and getattr(args, "command", "") == "generate":
-        values["max_concurrency"] = 64
+        values["max_concurrency"] = GENERATE_CONCURRENCY
     api_key = os.environ.get("SERVESCOPE_API_KEY")
     if api_key and "api_key" not in values and values.get("backend") in ("endpoint", "vllm"):
         values["api_key"] = api_key
-    return load_config(values)
+    return values
 
 
 class _Bar:
@@ -235,60 +262,79 @@ async def _until_signal(scope: anyio.CancelScope, caught: list[int]) -> None:
             return
 
 
-async def _generate(args: argparse.Namespace, config: ServerConfig, console: Console) -> int:
+def _job(args: argparse.Namespace, config: ServerConfig, redact: Redactor) -> Job:
     params = {
         key: value
         for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
         if value is not None
     }
-    job = Job(
+    return Job(
         input=args.input,
         output=args.output,
         errors=args.errors or args.output.with_name(args.output.name + ".errors"),
         concurrency=config.max_concurrency,
         params=params,
+        redact=redact,
     )
+
+
+def _progress(args: argparse.Namespace, console: Console) -> Progress:
     mode = args.progress
     if mode == "auto":
         mode = "bar" if console.is_terminal else "log"
-    progress: Progress
     if mode == "bar":
-        progress = _Bar(console)
-    elif mode == "log":
-        progress = _LogLines(console, args.progress_interval)
-    else:
-        progress = _Silent()
-    total, done = check_input(job)
+        return _Bar(console)
+    if mode == "log":
+        return _LogLines(console, args.progress_interval)
+    return _Silent()
+
+
+async def _generate(
+    args: argparse.Namespace, config: ServerConfig, console: Console, redact: Redactor
+) -> int:
+    job = _job(args, config, redact)
     caught: list[int] = []
-    counts = Counts(total=total)
-    server: Server | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_until_signal, tg.cancel_scope, caught)
-            async with open_server(config) as server:
-                await run_job(server, job, done, progress, counts)
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise _single(group) from None
-    finally:
-        progress.close(counts)
-        if server is not None:
-            _summary(console, counts, server)
+    with prepare(job) as prepared:  # checks and locks before the server starts
+        counts = Counts(total=prepared.total)
+        progress = _progress(args, console)
+        server: Server | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_signal, tg.cancel_scope, caught)
+                async with open_server(config) as server:
+                    await run_job(server, job, prepared, progress, counts)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+        finally:
+            progress.close(counts)
+            if server is not None:
+                _summary(console, counts, server)
     if caught:
         name = signal.Signals(caught[0]).name
         console.print(f"stopped by {name}; rerun the same command to resume", style="yellow")
         return 128 + caught[0]
+    if counts.input_shrank:
+        _error(
+            console,
+            f"servescope: the input {str(job.input)!r} shrank while the job ran: read "
+            f"{counts.read} of the {counts.total} lines it had at the start; everything "
+            f"finished is in {str(job.output)!r}: rerun with the whole input to finish",
+        )
+        return EXIT_INPUT_SHRANK
     return 0
 
 
-async def _serve(args: argparse.Namespace, config: ServerConfig, console: Console) -> int:
+async def _serve(
+    args: argparse.Namespace, config: ServerConfig, console: Console, redact: Redactor
+) -> int:
     caught: list[int] = []
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope, caught)
             async with open_server(config) as server:
                 await server.wait_ready()
-                print(f"{server.base_url}/v1 model={config.model}", flush=True)
+                print(redact(f"{server.base_url}/v1 model={config.model}"), flush=True)
                 await anyio.sleep_forever()
     except BaseExceptionGroup as group:
         raise _single(group) from None
@@ -317,20 +363,62 @@ def _error(console: Console, message: str) -> None:
     console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
+def _redactor(values: dict[str, Any], config: ServerConfig | None = None) -> Redactor:
+    """The secrets known so far: ``SERVESCOPE_API_KEY``, the values (and ``env``
+    entries) named like secrets that the config is built from, the config's own."""
+    env = values.get("env")
+    named = [*values.items(), *(env.items() if isinstance(env, dict) else ())]
+    secrets = [v for k, v in named if isinstance(v, str) and looks_secret(str(k))]
+    secrets.append(os.environ.get("SERVESCOPE_API_KEY", ""))
+    return Redactor([*secrets, *(config.secrets() if config is not None else ())])
+
+
+class _RedactLogs(logging.Filter):
+    """Blanks secrets out of every log line the command prints, whoever logged it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redact = Redactor()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.redact:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: the handler reports it (its arguments unshown)
+            record.args = None
+            return True
+        record.msg, record.args = self.redact(message), None
+        if record.exc_info:  # the traceback too: formatted here, then redacted
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``servescope`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    logs = _RedactLogs()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(logs)
     console = Console(stderr=True)
+    redact = logs.redact = _redactor({})
     try:
-        config = build_config(args)
+        values = _config_values(args)
+        redact = logs.redact = _redactor(values)
+        config = load_config(values)
+        redact = logs.redact = _redactor(values, config)
         run = _generate if args.command == "generate" else _serve
-        code = anyio.run(run, args, config, console)
+        code = anyio.run(run, args, config, console, redact)
     except (ServeError, OSError) as exc:
         # Bad usage, config or input files: 2; the server failed: 1.
         code = 2 if isinstance(exc, ConfigError | OSError) else 1
         prefix = "server failed: " if isinstance(exc, ServerError) else ""
-        _error(console, f"servescope: {prefix}{exc}")
+        _error(console, redact(f"servescope: {prefix}{exc}"))
+    except Exception:  # a bug: its traceback for the report, with no secret in it
+        code = 1
+        _error(console, redact(f"servescope: internal error\n{traceback.format_exc()}"))
     sys.exit(code)
 
 

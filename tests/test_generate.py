@@ -1,0 +1,220 @@
+"""The ``generate`` job without the CLI: hostile input lines, the output lock, the writer.
+
+The job runs against the in-process dummy server; the CLI's end-to-end tests are in
+``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from servescope import ConfigError, DummyConfig, open_server
+from servescope._generate import Counts, Job, _line, _parse, prepare, resume, run_job
+
+SURROGATE = json.loads('"\\ud800"')  # a lone surrogate: not encodable as UTF-8
+
+
+def nested(depth: int, key: int = 1) -> str:
+    return f'{{"id": {key}, "prompt": "x", "p": ' + "[" * depth + "]" * depth + "}"
+
+
+class Recorder:
+    """A ``Progress`` that runs ``hook`` after every update."""
+
+    def __init__(self, hook: Callable[[Counts], None] = lambda counts: None) -> None:
+        self.hook = hook
+        self.closed = False
+
+    def update(self, counts: Counts) -> None:
+        self.hook(counts)
+
+    def close(self, counts: Counts) -> None:
+        self.closed = True
+
+
+def make_job(tmp_path: Path, lines: list[str], **options: Any) -> Job:
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(line + "\n" for line in lines))
+    output = tmp_path / "out.jsonl"
+    return Job(prompts, output, output.with_name("out.jsonl.errors"), **options)
+
+
+async def run(job: Job, progress: Recorder | None = None, **config: Any) -> Counts:
+    """The job through ``prepare`` and ``run_job`` on the in-process dummy."""
+    with anyio.fail_after(30), prepare(job) as prepared:
+        counts = Counts(total=prepared.total)
+        async with open_server(DummyConfig(**config)) as server:
+            await run_job(server, job, prepared, progress or Recorder(), counts)
+    return counts
+
+
+def check(job: Job) -> None:
+    """``prepare`` alone: enter and leave."""
+    with prepare(job):
+        pass
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """Every output line, each checked to be valid UTF-8 JSON."""
+    return [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("line", [nested(100_000), nested(100_000)[:-1], "[" * 100_000])
+def test_deeply_nested_line_is_malformed(line: str) -> None:
+    """Too deep for the parser: a RecursionError there, a malformed line here."""
+    with pytest.raises(ValueError, match="nested too deeply"):
+        _parse(1, line)
+
+
+def test_resume_refuses_a_deeply_nested_line(tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_text(nested(100_000) + "\n" + json.dumps({"id": 1}) + "\n")
+    with pytest.raises(ConfigError, match=r"out\.jsonl:1 is not a result line"):
+        resume(output)
+
+
+@pytest.mark.parametrize("key", ["[" + "0, " * 100_000 + "0]", '{"a": ' * 100 + "1" + "}" * 100])
+def test_bad_id_is_described_briefly(key: str) -> None:
+    with pytest.raises(ValueError, match="'id' must be a string or an integer") as caught:
+        _parse(1, '{"id": ' + key + ', "prompt": "x"}')
+    assert len(str(caught.value)) < 300
+
+
+def test_lone_surrogates_are_written_as_valid_json_and_resumed(tmp_path: Path) -> None:
+    record = {"id": SURROGATE + "x", "text": "a\udfffb", "plain": "é"}
+    data = _line(record)
+    assert data.endswith(b"\n") and json.loads(data.decode("utf-8")) == record
+    assert _line({"id": 1, "text": "é"}) == '{"id": 1, "text": "é"}\n'.encode()  # as before
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(data + _line({"id": 2}))
+    assert resume(output) == {json.dumps(SURROGATE + "x"), "2"}
+
+
+def test_a_locked_output_is_refused(tmp_path: Path) -> None:
+    job = make_job(tmp_path, [json.dumps({"id": 1, "prompt": "x"})])
+    job.output.write_text(json.dumps({"id": 0}) + '\n{"id": 1, "te')  # a torn tail
+    with job.output.open("ab") as other:  # another job holds the lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another servescope generate job") as caught:
+            check(job)
+        assert str(job.output) in str(caught.value)
+    assert job.output.read_text().endswith('{"id": 1, "te')  # refused before resume cut it
+    with prepare(job) as prepared:  # the lock is held for the whole block
+        assert prepared.done == {"0"} and prepared.total == 1
+        with pytest.raises(ConfigError, match="another servescope generate job"):
+            check(job)
+    check(job)  # released at the end
+
+
+def test_no_lock_support_warns_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    job = make_job(tmp_path, [json.dumps({"id": 1, "prompt": "x"})])
+    with caplog.at_level(logging.WARNING, "servescope"), prepare(job) as prepared:
+        assert prepared.total == 1
+    assert "cannot lock" in caplog.text and "out.jsonl" in caplog.text
+
+
+def unwritable(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    regular = tmp_path / "a-file"
+    regular.write_text("")
+    output, errors = tmp_path / "out.jsonl", tmp_path / "out.jsonl.errors"
+    yield "output", regular / "out.jsonl", errors
+    yield "output", tmp_path / "missing" / "out.jsonl", errors
+    yield "errors", output, regular / "x.errors"
+    yield "errors", output, tmp_path / "missing" / "x.errors"
+    yield "errors", output, tmp_path  # a directory
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_unwritable_locations_are_refused(tmp_path: Path, case: int) -> None:
+    which, output, errors = list(unwritable(tmp_path))[case]
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": 1, "prompt": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=f"cannot write the {which}"):
+        check(Job(prompts, output, errors))
+    assert not errors.is_file()
+    assert not (tmp_path / "out.jsonl").exists()  # nothing made when the errors file fails
+
+
+def test_a_good_job_makes_no_errors_file(tmp_path: Path) -> None:
+    job = make_job(tmp_path, [json.dumps({"id": 1, "prompt": "x"})])
+    with prepare(job) as prepared:
+        assert prepared.done == set() and job.output.exists()
+    assert not job.errors.exists()
+
+
+@pytest.mark.anyio
+async def test_lone_surrogates_in_ids_and_replies(tmp_path: Path) -> None:
+    lines = [
+        '{"id": "\\ud800", "prompt": "x"}',
+        '{"id": "ok\\udfff", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        '{"id": 3, "prompt": "y", "stop": ["\\ud800"]}',
+    ]
+    job = make_job(tmp_path, lines)
+    counts = await run(job, text="reply " + SURROGATE)
+    assert (counts.succeeded, counts.failed, counts.malformed) == (3, 0, 0)
+    written = records(job.output)
+    assert {json.dumps(r["id"]) for r in written} == {
+        json.dumps(SURROGATE),
+        json.dumps("ok\udfff"),
+        "3",
+    }
+    assert {r["text"] for r in written} == {"reply " + SURROGATE}
+    again = await run(job, text="reply " + SURROGATE)
+    assert again.skipped == 3 and len(records(job.output)) == 3
+
+
+@pytest.mark.anyio
+async def test_hostile_lines_are_errors_file_entries_and_the_job_goes_on(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"id": 1, "prompt": "x"}),
+        nested(100_000, 2),
+        nested(300, 3),  # deep, but within what the parser and the request encoder take
+        '{"id": "\\ud800", "prompt": "x", "p": ' + "[" * 100_000,
+        json.dumps({"id": 5, "prompt": "x", "self": 1}),  # not a keyword of ours
+        json.dumps({"id": 6, "messages": [], "self": 1, "path": "/x", "headers": 3}),
+        "\x1c",  # whitespace to str.strip(), not to bytes.strip(): a line all the same
+    ]
+    job = make_job(tmp_path, lines)
+    counts = await run(job)
+    assert counts.read == counts.total == 7
+    assert (counts.succeeded, counts.failed, counts.malformed) == (3, 1, 3)
+    errors = records(job.errors)
+    assert [e["line"] for e in errors] == [2, 4, 7]
+    assert "nested too deeply" in errors[0]["error"] and "nested" in errors[1]["error"]
+    assert all(len(e["text"]) <= 200 for e in errors)
+    assert {r["id"] for r in records(job.output)} == {1, 3, 5, 6}
+
+
+@pytest.mark.anyio
+async def test_a_truncated_input_is_noticed(tmp_path: Path) -> None:
+    lines = [json.dumps({"id": i, "prompt": f"prompt {i:04d} " + "x" * 80}) for i in range(1000)]
+    job = make_job(tmp_path, lines, concurrency=4)
+
+    def truncate(counts: Counts) -> None:
+        if counts.done == 5:
+            with job.input.open("r+b") as file:  # as another process would
+                file.truncate(len(lines[0]) * 3)
+
+    counts = await run(job, Recorder(truncate), latency=0.001)
+    assert counts.total == 1000 and 5 <= counts.read < 1000 and counts.input_shrank
+    assert counts.malformed <= 1  # the line cut in two, if the cut fell in the buffer
+    assert counts.succeeded + counts.malformed == counts.read
+    job.input.write_text("".join(line + "\n" for line in lines))  # put back: a rerun finishes
+    again = await run(job)
+    assert not again.input_shrank and again.skipped == counts.succeeded
+    assert sorted(r["id"] for r in records(job.output)) == list(range(1000))
