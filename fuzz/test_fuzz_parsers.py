@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servescope import ConfigError, RequestError, ServerConfig, load_config
-from servescope._generate import _parse, resume
+from servescope._generate import _line, _parse, resume
 from servescope._loadconfig import read_config_file
 from servescope._logscan import LineSplitter
 from servescope._responses import parse_completion, parse_json
@@ -94,13 +94,33 @@ def test_config_files(tmp_path_factory: Any, data: bytes, suffix: str) -> None:
         pass
 
 
-@given(st.text(max_size=300) | json_values.map(json.dumps))
+#: Text with lone surrogates: JSON escapes (``"\\ud800"``) decode to them.
+surrogate_text = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=20)
+input_lines = (
+    st.text(max_size=300)
+    | json_values.map(json.dumps)
+    | st.tuples(surrogate_text | st.integers(), surrogate_text).map(
+        lambda pair: json.dumps({"id": pair[0], "prompt": pair[1]})
+    )
+    | st.tuples(st.integers(0, 5000), st.sampled_from(["[", '{"a": ', '[{"a": '])).map(
+        lambda deep: '{"id": 1, "prompt": "x", "p": ' + deep[1] * deep[0]  # unclosed
+    )
+    | st.integers(0, 5000).map(lambda n: '{"id": 1, "prompt": "x", "p": ' + "[" * n + "]" * n + "}")
+)
+
+
+@given(input_lines | surrogate_text)
 def test_input_lines(text: str) -> None:
+    """Any line is a prompt or a ``ValueError`` (never a RecursionError), and whatever
+    a prompt holds is written as one valid UTF-8 JSON line that reads back the same."""
     try:
         prompt = _parse(1, text)
     except ValueError:
         return
     assert (prompt.messages is None) != (prompt.prompt is None)
+    data = _line({"id": prompt.id, "text": prompt.prompt})
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    assert json.dumps(json.loads(data.decode("utf-8"))["id"]) == json.dumps(prompt.id)
 
 
 @given(st.binary(max_size=400))
