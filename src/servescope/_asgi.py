@@ -12,13 +12,17 @@ Out of file descriptors, both loops' accept loops log a traceback per failed
 ``accept()``: asyncio's (``selector_events``) through the loop's exception handler, which
 logs "socket.accept() out of system resource" on the ``asyncio`` logger ``backlog`` times
 per wake-up (thousands a second); trio's (``serve_listeners``) "accept returned EMFILE ..."
-on ``trio.serve_listeners`` every 100 ms. While ``serve_asgi`` runs, a filter on those
-two loggers lets one such record a minute through (the first with its traceback) and
-touches no other record.
+on ``trio.serve_listeners`` every 100 ms. asyncio also schedules a retry per failed accept
+(python/cpython#151615); those that fire once the socket is closed log "Exception in
+callback BaseSelectorEventLoop._start_serving(...)" with a ValueError each. While
+``serve_asgi`` runs, a filter on those two loggers lets one such record a minute through
+(the first with its traceback) and touches no other record; when hypercorn has closed the
+socket, the retries still pending are cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -105,7 +109,8 @@ async def serve_asgi(
     """
     config = _SocketConfig(sock, tls, backlog)
     config.graceful_timeout = shutdown_grace
-    if _running_trio():
+    on_trio = _running_trio()
+    if on_trio:
         from hypercorn.trio import serve as serve_on_loop
     else:
         from hypercorn.asyncio import serve as serve_on_loop  # type: ignore[assignment]
@@ -114,7 +119,11 @@ async def serve_asgi(
 
     async def run() -> None:
         with serving:
-            await serve_on_loop(app, config, shutdown_trigger=stop.wait)
+            try:
+                await serve_on_loop(app, config, shutdown_trigger=stop.wait)
+            finally:
+                if not on_trio:
+                    _cancel_accept_retries(sock)
 
     with _ACCEPT_ERRORS_QUIETED.installed():
         async with anyio.create_task_group() as tg:
@@ -128,10 +137,14 @@ async def serve_asgi(
 
 
 #: How each loop's accept loop words "accept() failed for want of descriptors or memory",
-#: by logger (asyncio's ``selector_events``, trio's ``_highlevel_serve_listeners``).
+#: by logger (asyncio's ``selector_events``, trio's ``_highlevel_serve_listeners``), and
+#: how asyncio words the failure of a retry that fired after the socket was closed.
 ACCEPT_ERRORS = {
-    "asyncio": "socket.accept() out of system resource",
-    "trio.serve_listeners": "accept returned ",
+    "asyncio": (
+        "socket.accept() out of system resource",
+        "Exception in callback BaseSelectorEventLoop._start_serving(",
+    ),
+    "trio.serve_listeners": ("accept returned ",),
 }
 #: At most one accept error is logged per this many seconds.
 ACCEPT_ERROR_INTERVAL = 60.0
@@ -139,8 +152,8 @@ ACCEPT_ERROR_INTERVAL = 60.0
 
 def is_accept_error(record: logging.LogRecord) -> bool:
     """Whether ``record`` is a loop's report that ``accept()`` ran out of resources."""
-    prefix = ACCEPT_ERRORS.get(record.name)
-    return prefix is not None and isinstance(record.msg, str) and record.msg.startswith(prefix)
+    prefixes = ACCEPT_ERRORS.get(record.name, ())
+    return isinstance(record.msg, str) and record.msg.startswith(prefixes)
 
 
 class AcceptErrorThrottle(logging.Filter):
@@ -208,6 +221,18 @@ class SharedFilter:
 
 
 _ACCEPT_ERRORS_QUIETED = SharedFilter(tuple(ACCEPT_ERRORS), AcceptErrorThrottle)
+
+
+def _cancel_accept_retries(sock: socket.socket) -> None:
+    """Cancel the accept retries asyncio still holds for ``sock``, closed by now: each
+    would log a ValueError traceback (python/cpython#151615). Private loop attributes,
+    read defensively: a loop without them (or without the bug) has nothing to cancel."""
+    loop = asyncio.get_running_loop()
+    start_serving = getattr(loop, "_start_serving", None)
+    for handle in list(getattr(loop, "_scheduled", ())):
+        args = getattr(handle, "_args", None) or ()
+        if getattr(handle, "_callback", None) == start_serving and any(a is sock for a in args):
+            handle.cancel()
 
 
 def _running_trio() -> bool:
