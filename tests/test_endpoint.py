@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import socket
+import threading
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 import trustme
 
-from servescope import EndpointConfig, ServerStartError, open_server
+import servescope
+from servescope import (
+    EndpointConfig,
+    RequestError,
+    RetriesExhausted,
+    ServerStartError,
+    open_server,
+)
 from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DummyApp, DummySettings
 
-from .test_transport import always, raw_server
+from .test_transport import RawServer, Script, always, raw_server
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test-5f1e9a-very-secret"
@@ -118,3 +130,107 @@ async def test_endpoint_through_a_proxy_from_env(monkeypatch: pytest.MonkeyPatch
     ]
     auth = f"authorization: bearer {KEY}".lower().encode()
     assert all(auth in head.lower() for head in proxy.requests)
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """~0.4 MB of gzip that decodes to 400 MB of zeros."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    return b"".join([*(compressor.compress(zeros) for _ in range(400)), compressor.flush()])
+
+
+class PeakRss:
+    """The highest resident set size seen while inside, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = psutil.Process().memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def models_then(body: bytes, recorder: list[RawServer]) -> Script:
+    """A proxy that answers GET /v1/models plainly and every POST with a gzip ``body``."""
+    models = b'{"object": "list", "data": []}'
+    plain = f"HTTP/1.1 200 OK\r\ncontent-length: {len(models)}\r\n\r\n".encode() + models
+    head = f"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: {len(body)}\r\n\r\n"
+
+    def script(connection: int, request: int) -> tuple[bytes, bool]:
+        if recorder[0].requests[-1].startswith(b"GET"):
+            return plain, False
+        return head.encode() + body, False
+
+    return script
+
+
+@asynccontextmanager
+async def proxied_endpoint(
+    monkeypatch: pytest.MonkeyPatch, body: bytes
+) -> AsyncIterator[tuple[servescope.Server, RawServer]]:
+    """An endpoint reached through ``HTTP_PROXY``, a raw server answering ``body`` (gzip)."""
+    recorder: list[RawServer] = []
+    async with raw_server(models_then(body, recorder)) as proxy:
+        recorder.append(proxy)
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        config = EndpointConfig(
+            url="http://api.example.invalid/v1", model="m", max_retries=1, backoff_base=0.001
+        )
+        with anyio.fail_after(30):
+            async with open_server(config) as server:
+                yield server, proxy
+
+
+async def test_proxied_gzip_bomb_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = gzip_bomb()
+    async with proxied_endpoint(monkeypatch, bomb) as (server, proxy):
+        await server.wait_ready()
+        with PeakRss() as rss, pytest.raises(RequestError, match="over") as info:
+            await server.chat([{"role": "user", "content": "hi"}])
+    assert rss.growth < 200 * 1024 * 1024, f"grew {rss.growth / 2**20:.0f} MiB"
+    assert isinstance(info.value, RequestError)
+    posts = [head for head in proxy.requests if head.startswith(b"POST")]
+    assert all(b"accept-encoding: identity" in head.lower() for head in posts)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"not deflate at all" * 10, "decode"),
+        (gzip.compress(b'{"choices": [{"text": "cut short"}]}')[:-12], "compressed stream"),
+    ],
+    ids=["broken", "truncated"],
+)
+async def test_proxied_bad_gzip_is_a_request_error(
+    monkeypatch: pytest.MonkeyPatch, body: bytes, problem: str
+) -> None:
+    async with proxied_endpoint(monkeypatch, body) as (server, _):
+        with pytest.raises(RequestError, match=problem) as info:
+            await server.chat([{"role": "user", "content": "hi"}])
+    assert isinstance(info.value, RetriesExhausted)
+
+
+async def test_proxied_gzip_answer_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server may compress though asked not to: a sound gzip body still works."""
+    body = gzip.compress(b'{"choices": [{"message": {"content": "zipped"}}]}')
+    async with proxied_endpoint(monkeypatch, body) as (server, _):
+        out = await server.chat([{"role": "user", "content": "hi"}])
+    assert out.text == "zipped"

@@ -55,7 +55,10 @@ class RawServer:
                 buffer = buffer[length:]
                 answer, close = self.script(number, served)
                 served += 1
-                await stream.send(answer)
+                try:
+                    await stream.send(answer)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return  # the client stopped reading (a capped body) and closed
                 if close:
                     return
 

@@ -4,6 +4,11 @@ Local servers and direct endpoints go over one ``SlotTransport`` (keep-alive, on
 connection per slot); an endpoint reached through a proxy from the environment uses
 httpx's own transport, which is what speaks to proxies. Foreign exceptions stay httpx's
 here; the pool and the supervisor classify them.
+
+What a server sends is foreign, and may be hostile or broken: every request asks for
+no compression, a body is read no further than ``MAX_BODY``, and a compressed body is
+decoded no further than ``MAX_BODY`` either, so that 0.4 MB of gzip cannot become
+400 MB in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import ssl
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +24,13 @@ import httpx
 
 from ._config import ServerConfig
 from ._pool import Post
-from ._transport import Reply, SlotTransport
+from ._transport import MAX_BODY, Reply, SlotTransport, bad_header
 from .backends.endpoint import EndpointConfig
 
 __all__ = ["connect_problem", "http_client"]
+
+_IDENTITY = (b"accept-encoding", b"identity")
+_POST_HEADERS = [(b"content-type", b"application/json"), _IDENTITY]
 
 
 def _ssl_context(verify: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
@@ -44,12 +53,14 @@ def http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[
         slots = config.max_concurrency
         limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
         client = httpx.AsyncClient(timeout=timeout, limits=limits, **options)
+        client.headers["accept-encoding"] = "identity"
         return client, _client_post(client), {}
     transport = SlotTransport(
         ssl_context=_ssl_context(options.pop("verify", None)),
         connect_timeout=config.connect_timeout,
     )
     client = httpx.AsyncClient(transport=transport, timeout=timeout, **options)
+    client.headers["accept-encoding"] = "identity"
     return client, transport.post, headers
 
 
@@ -64,14 +75,91 @@ def _proxied(config: ServerConfig, options: Mapping[str, Any]) -> bool:
 
 
 def _client_post(client: httpx.AsyncClient) -> Post:
-    """Post through ``client`` (and so through its proxies); the pool's ``Post``."""
+    """Post through ``client`` (and so through its proxies); the pool's ``Post``.
+
+    The answer is read as ``SlotTransport`` reads it: whole, but no more than
+    ``MAX_BODY`` after decoding (a server may gzip though asked not to, and 0.4 MB of
+    gzip can be 400 MB of zeros), and every failure is an httpx ``TransportError``.
+    """
 
     async def post(url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
-        json_headers = [(b"content-type", b"application/json"), *headers]
-        response = await client.post(url, content=body, headers=json_headers)
-        return Reply(response.status_code, response.headers.raw, response.content)
+        json_headers = [*_POST_HEADERS, *headers]
+        try:
+            async with client.stream("POST", url, content=body, headers=json_headers) as response:
+                raw, more = await _read_raw(response, MAX_BODY)
+        except httpx.LocalProtocolError:
+            # Not chained: httpcore's message quotes the bad header's value (a secret?).
+            problem = bad_header([*client.headers.raw, *json_headers])
+            raise httpx.LocalProtocolError(
+                problem or "HTTP/1.1 cannot carry this request"
+            ) from None
+        if more:
+            raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
+        content = _decode(raw, response.headers.get("content-encoding"))
+        return Reply(response.status_code, response.headers.raw, content)
 
     return post
+
+
+async def _read_raw(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a streamed response's raw body, and whether there was more.
+
+    Stopping early closes the response, then runs its byte iterator to its end: httpx's
+    stream layers are async generators, and trio warns about each one dropped half-way.
+    """
+    raw = response.aiter_raw()
+    chunks, size = [], 0
+    async for chunk in raw:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    else:
+        return b"".join(chunks), False
+    await response.aclose()
+    try:
+        async for _ in raw:  # after the close: at most what was already buffered
+            pass
+    except Exception:  # the closed stream's own error ends it; nothing here is wanted
+        pass
+    return b"".join(chunks)[:limit], True
+
+
+def _decode(raw: bytes, content_encoding: str | None) -> bytes:
+    """``raw`` decoded as ``content_encoding`` says, or ``RemoteProtocolError``.
+
+    Only gzip and deflate (identity was asked for; they are what a server ignoring that
+    sends), and never more than ``MAX_BODY`` bytes of output.
+    """
+    coding = (content_encoding or "identity").strip().lower()
+    if coding == "identity" or not raw:  # no body (a 204, say) is no stream to decode
+        return raw
+    if coding in ("gzip", "x-gzip"):
+        return _inflate(raw, 16 + zlib.MAX_WBITS)
+    if coding == "deflate":  # zlib-wrapped as the RFC says, or raw as some servers send
+        try:
+            return _inflate(raw, zlib.MAX_WBITS)
+        except httpx.RemoteProtocolError as exc:
+            if not isinstance(exc.__cause__, zlib.error):
+                raise
+            return _inflate(raw, -zlib.MAX_WBITS)
+    raise httpx.RemoteProtocolError(f"response body in an unsupported encoding {coding!r}")
+
+
+def _inflate(raw: bytes, wbits: int) -> bytes:
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        # max_length bounds the output whatever the ratio; one byte over is enough to know.
+        body = decompressor.decompress(raw, MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes decoded")
+        body += decompressor.flush()
+        if not decompressor.eof:
+            raise httpx.RemoteProtocolError("response body ends inside its compressed stream")
+        return body
+    except zlib.error as exc:
+        message = f"the response body cannot be decoded as its content-encoding says: {exc}"
+        raise httpx.RemoteProtocolError(message) from exc
 
 
 def connect_problem(url: str, exc: BaseException) -> str:
