@@ -13,12 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import psutil
 import pytest
 import trustme
 
 import servescope
 from servescope import (
+    BadRequest,
     EndpointConfig,
     RequestError,
     RetriesExhausted,
@@ -27,8 +29,9 @@ from servescope import (
 )
 from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DummyApp, DummySettings
+from servescope._http import _client_post
 
-from .test_transport import RawServer, Script, always, raw_server
+from .test_transport import OK, RawServer, Script, always, raw_server
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test-5f1e9a-very-secret"
@@ -234,3 +237,29 @@ async def test_proxied_gzip_answer_is_decoded(monkeypatch: pytest.MonkeyPatch) -
     async with proxied_endpoint(monkeypatch, body) as (server, _):
         out = await server.chat([{"role": "user", "content": "hi"}])
     assert out.text == "zipped"
+
+
+async def test_proxied_unsendable_header_is_a_bad_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpcore's refusal quotes the value; the error names the header instead."""
+    async with proxied_endpoint(monkeypatch, b"") as (server, proxy):
+        await server.wait_ready()
+        with pytest.raises(BadRequest, match="header 'x-token'") as info:
+            await server.request({"prompt": "hi"}, headers={"x-token": f"{KEY}\r\nx-evil: 1"})
+    assert info.value.status_code is None
+    assert KEY not in str(info.value)
+    assert not any(head.startswith(b"POST") for head in proxy.requests)
+
+
+async def test_proxied_post_names_a_bad_client_header_not_its_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The proxied path's client carries the API key; httpcore's refusal would quote it."""
+    async with raw_server(always(OK)) as server:
+        headers = {"authorization": f"Bearer {KEY}\n"}
+        async with httpx.AsyncClient(headers=headers, trust_env=False) as client:
+            post = _client_post(client)
+            with pytest.raises(httpx.LocalProtocolError, match="header 'authorization'") as info:
+                await post(f"http://127.0.0.1:{server.port}/v1/x", b"{}", [])
+    assert KEY not in str(info.value)
+    assert KEY not in caplog.text  # httpcore logs what it refuses at DEBUG
+    assert server.requests == []

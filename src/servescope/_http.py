@@ -84,15 +84,15 @@ def _client_post(client: httpx.AsyncClient) -> Post:
 
     async def post(url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
         json_headers = [*_POST_HEADERS, *headers]
+        # Checked before httpcore sees them: its refusal, and its debug log, quote the value.
+        problem = bad_header([*client.headers.raw, *json_headers])
+        if problem is not None:
+            raise httpx.LocalProtocolError(problem)
         try:
             async with client.stream("POST", url, content=body, headers=json_headers) as response:
                 raw, more = await _read_raw(response, MAX_BODY)
-        except httpx.LocalProtocolError:
-            # Not chained: httpcore's message quotes the bad header's value (a secret?).
-            problem = bad_header([*client.headers.raw, *json_headers])
-            raise httpx.LocalProtocolError(
-                problem or "HTTP/1.1 cannot carry this request"
-            ) from None
+        except httpx.LocalProtocolError as exc:  # the headers passed: no value is quoted
+            raise httpx.LocalProtocolError(f"HTTP/1.1 cannot carry this request: {exc}") from exc
         if more:
             raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
         content = _decode(raw, response.headers.get("content-encoding"))

@@ -13,7 +13,8 @@ from ._base import ADDRESS_IN_USE, ProcessConfig, ProcessSpec, cli_args
 
 __all__ = ["CUSTOM_PATTERNS", "CustomConfig"]
 
-#: uvicorn's start-up lines, and the failures datatrove's custom server watched for.
+#: uvicorn's start-up lines, and the failures datatrove's custom server watched for. Its
+#: log format is unknown: after readiness they count only as a traceback's last line.
 CUSTOM_PATTERNS = PatternTable.build(
     ready=[r"Application startup complete", r"Uvicorn running on"],
     fatal=[

