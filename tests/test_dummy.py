@@ -78,7 +78,7 @@ async def test_body_exception_propagates_unchanged() -> None:
             await server.wait_ready()
             raise error
     assert info.value is error
-    with pytest.raises(servescope.ServeError, match="closed"):
+    with pytest.raises(servescope.ServerClosed, match="has ended"):
         await server.wait_ready()
 
 

@@ -100,12 +100,45 @@ async def test_exit_after_ready_cancels_the_body() -> None:
     assert "after it was ready" in info.value.reason
 
 
-async def test_fatal_line_after_ready_is_a_crash() -> None:
-    config = dummy_process("--print", f"1.5:stderr:{OOM_LINE}")
+def traceback_lines(at: float, last_line: str) -> list[str]:
+    """``--print`` options for a Python traceback ending with ``last_line``, in order."""
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "/srv/model_server.py", line 88, in generate',
+        "    out = model.generate(**batch)",
+        last_line,
+    ]
+    return [
+        arg for n, line in enumerate(lines) for arg in ("--print", f"{at + n / 50}:stderr:{line}")
+    ]
+
+
+async def test_fatal_traceback_after_ready_is_a_crash() -> None:
+    config = dummy_process(*traceback_lines(1.5, OOM_LINE))
     with anyio.fail_after(20), pytest.raises(ServerCrashed, match="CUDA out of memory"):
         async with open_server(config) as server:
             await server.wait_ready()
             await anyio.sleep(30)
+
+
+async def test_fatal_text_outside_a_traceback_after_ready_is_not_a_crash() -> None:
+    """A custom server that logs what it was asked (a prompt quoting an error) lives on;
+    before readiness the same line is fatal (test above)."""
+    quoted = [
+        f"INFO: prompt=please explain {OOM_LINE}",
+        OOM_LINE,  # a prompt printed on lines of its own, outside any traceback
+        "ImportError: cannot import name 'x' (quoted by a user)",
+        "OSError: [Errno 98] Address already in use",
+        "WARNING: side component: address already in use, using another port",
+    ]
+    prints = [arg for n, line in enumerate(quoted) for arg in ("--print", f"0.8:stderr:{line}")]
+    with anyio.fail_after(20):
+        async with open_server(dummy_process("--ready-after", "0.3", *prints)) as server:
+            await server.wait_ready()
+            await anyio.sleep(1.2)
+            assert any(OOM_LINE == line for line in server.log_tail())
+            out = await server.chat([{"role": "user", "content": OOM_LINE}])
+            assert out.text
 
 
 async def test_body_exception_tears_down_tree(tmp_path: Path) -> None:

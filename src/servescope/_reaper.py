@@ -147,6 +147,7 @@ class Reaper:
         """SIGTERM the group and every descendant, wait ``grace``, then SIGKILL the rest."""
         assert self.server is not None
         self._signal_tree(signal.SIGTERM)
+        self._signal_tree(signal.SIGCONT)  # a stopped (hung) process acts on it only then
         deadline = time.monotonic() + grace
         while _alive_descendants() and time.monotonic() < deadline:
             self._check_exit()

@@ -16,6 +16,8 @@ caller gets that one exception, never an ``ExceptionGroup``.
 
 from __future__ import annotations
 
+import collections
+import copy
 import shlex
 import signal
 import sys
@@ -31,13 +33,15 @@ from ._asgi import listen_socket, serve_asgi
 from ._compile_lock import CompileLock
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
-from ._errors import ServeError, ServerCrashed, ServerError, ServerStartError
+from ._errors import ServeError, ServerClosed, ServerCrashed, ServerError, ServerStartError
+from ._health import HealthWatch, Probe
 from ._http import connect_problem, http_client
-from ._logscan import LineEvent, LineKind, LineSplitter, PatternTable
+from ._logscan import LineClassifier, LineEvent, LineKind, LineSplitter, PatternTable
 from ._metrics import MetricsSnapshot
 from ._pool import RequestPool
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
+from ._redact import Redactor
 from ._responses import Completion
 from ._serverlog import ServerLog
 from .backends._base import ProcessConfig, ProcessSpec
@@ -60,6 +64,9 @@ EXIT_DRAIN = 0.25
 CRASH_GRACE = 1.0
 #: How long after a fatal line its explanation (traceback, root cause) is still read.
 FATAL_SETTLE = 0.25
+#: After readiness, cause lines (``CUDA out of memory``) this long before a death line
+#: explain it.
+CAUSE_WINDOW = 5.0
 DUMMY_GRACE = 0.2
 
 
@@ -77,6 +84,9 @@ class Server:
         self._log = log
         self._base_url: str | None = None
         self._ready = anyio.Event()
+        #: Set once the server is ready or its scope has ended: waiters outside the scope
+        #: (a worker task in the caller's own task group) are never left waiting.
+        self._settled = anyio.Event()
         self._failure: ServerError | None = None
         self._closed = False
         self._pool: RequestPool | None = None
@@ -95,9 +105,13 @@ class Server:
         return self._ready.is_set()
 
     async def wait_ready(self) -> None:
-        """Wait until the server is ready. If it fails first, the scope is cancelled."""
+        """Wait until the server is ready.
+
+        If it fails first, the scope is cancelled and a waiter outside it gets the
+        server's error; if the scope ends first, ``ServerClosed``.
+        """
         self._check_open()
-        await self._ready.wait()
+        await self._settled.wait()
         self._check_open()
 
     def log_tail(self) -> list[str]:
@@ -141,9 +155,16 @@ class Server:
 
     def _check_open(self) -> None:
         if self._failure is not None:
-            raise self._failure
+            # A copy for each caller: many waiters re-raising one object would chain all
+            # their tracebacks onto it.
+            raise copy.copy(self._failure)
         if self._closed:
-            raise ServeError("the server scope is closed")
+            raise ServerClosed(f"the scope of {self!r} has ended; it takes no more requests")
+
+    def _end(self) -> None:
+        """The scope is over: wake every waiter."""
+        self._closed = True
+        self._settled.set()
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else "starting"
@@ -162,7 +183,14 @@ async def open_server(
     readiness) or ``ServerCrashed`` (after) is raised. On every way out the server's
     whole process tree is terminated (SIGTERM, ``shutdown_grace``, SIGKILL).
     """
-    log = ServerLog(rank=rank, node=node, log_dir=config.log_dir, tail_lines=config.log_tail_lines)
+    log = ServerLog(
+        rank=rank,
+        node=node,
+        log_dir=config.log_dir,
+        tail_lines=config.log_tail_lines,
+        max_bytes=config.log_max_bytes,
+        redact=Redactor(config.secrets()),
+    )
     server = Server(config, rank=rank, node=node, log=log)
     client, post, headers = http_client(config)
     try:
@@ -185,7 +213,7 @@ async def open_server(
     except BaseException as exc:
         raise _one_exception(exc, server._failure) from _cause(exc, server._failure)
     finally:
-        server._closed = True
+        server._end()
         log.close()
     if server._failure is not None:
         # Our own cancellation is still the "exception being handled" here: hide it.
@@ -218,13 +246,15 @@ def _cause(exc: BaseException, failure: ServerError | None) -> BaseException | N
 
 
 class _Attempt:
-    """State of one start attempt: its task group, the probe wake-up, the streams' ends."""
+    """State of one start attempt: its task group, each stream's classifier and end, the
+    probe wake-up, and the fatal line (with the causes seen just before it)."""
 
     def __init__(self, tg: TaskGroup, patterns: PatternTable) -> None:
         self.tg = tg
-        self.patterns = patterns
+        self.classifiers = {name: LineClassifier(patterns) for name in ("stdout", "stderr")}
         self.retry_line: str | None = None
         self.fatal: LineEvent | None = None
+        self.causes: collections.deque[tuple[float, LineEvent]] = collections.deque(maxlen=16)
         self.ready_line_seen = False
         self.wake = anyio.Event()
         self.eof = {"stdout": anyio.Event(), "stderr": anyio.Event()}
@@ -270,22 +300,31 @@ class _Supervisor:
                 self.log.note(f"compile lock released; marker not written: {exc}")
         self.log.ready = True
         self.server._ready.set()
+        self.server._settled.set()
         self.log.note(f"ready at {self.server.base_url} after {elapsed:.2f} s")
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        if isinstance(self.config, DummyConfig):
-            await self._run_dummy(self.config, task_status)
-        elif isinstance(self.config, EndpointConfig):
-            await self._check_endpoint(self.config, task_status)
-        elif isinstance(self.config, ProcessConfig):
-            await self._run_process(self.config, task_status)
-        else:
-            raise TypeError(f"open_server cannot run a {type(self.config).__name__}")
+        """Start the server, report once it exists, watch it until the scope ends.
+
+        The OS refusing what a start needs (no file descriptors left, no free port, a
+        socket that cannot be bound) is a ``ServerStartError`` saying so.
+        """
+        try:
+            if isinstance(self.config, DummyConfig):
+                await self._run_dummy(self.config, task_status)
+            elif isinstance(self.config, EndpointConfig):
+                await self._check_endpoint(self.config, task_status)
+            elif isinstance(self.config, ProcessConfig):
+                await self._run_process(self.config, task_status)
+            else:
+                raise TypeError(f"open_server cannot run a {type(self.config).__name__}")
+        except OSError as exc:
+            raise self.error(f"cannot start the server: {exc}") from exc
 
     # -- the in-process dummy -------------------------------------------------------------
 
     async def _run_dummy(self, config: DummyConfig, task_status: TaskStatus[None]) -> None:
-        backlog = max(1024, 2 * config.max_concurrency)
+        backlog = min(65535, max(1024, 2 * config.max_concurrency))
         sock = listen_socket(backlog=backlog)
         self.server._base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         app = DummyApp(config.settings(), faults=config.fault_schedule())
@@ -315,6 +354,7 @@ class _Supervisor:
             raise ServerStartError(problem)
         self.set_ready()
         task_status.started()
+        await self._watch_health("/v1/models", dead_status=None)
 
     async def _endpoint_problem(self, config: EndpointConfig, url: str) -> str | None:
         try:
@@ -422,20 +462,25 @@ class _Supervisor:
         attempt.eof[name].set()
 
     def _on_line(self, stream: str, line: str, attempt: _Attempt) -> None:
-        self.log.add(stream, line)
-        event = attempt.patterns.classify(line)
+        line = self.log.add(stream, line)
+        event = attempt.classifiers[stream].classify(line, ready=self.server.ready)
         if event is None:
             return
         if event.kind is LineKind.READY:
             attempt.ready_line_seen = True
             attempt.wake.set()
-        elif event.kind is LineKind.RETRY and not self.server.ready:
+        elif event.kind is LineKind.RETRY:
             attempt.retry(line)
-        elif attempt.fatal is None:
-            attempt.fatal = event
+        elif attempt.fatal is not None:
+            if event.rank < attempt.fatal.rank:
+                attempt.fatal = event  # a line that says better what went wrong
+        elif event.kind is LineKind.CAUSE:
+            attempt.causes.append((anyio.current_time(), event))
+        else:
+            since = anyio.current_time() - CAUSE_WINDOW
+            recent = [cause for at, cause in attempt.causes if at >= since]
+            attempt.fatal = min([event, *recent], key=lambda found: found.rank)
             attempt.tg.start_soon(self._fail_on_fatal, attempt)
-        elif event.rank < attempt.fatal.rank:
-            attempt.fatal = event  # a line that says better what went wrong
 
     async def _fail_on_fatal(self, attempt: _Attempt) -> None:
         """Fail shortly after the first fatal line: the lines after it (a traceback, the
@@ -458,12 +503,18 @@ class _Supervisor:
             self.fail(self._fatal_error(attempt, exit_code=code))
             return
         when = "after it was ready" if self.server.ready else "before it was ready"
+        if process.reaper_died:
+            reason = (
+                f"servescope's reaper process (pid {process.reaper_pid}) ended "
+                f"({_describe_exit(code)}) {when}; the server's tree is killed with it"
+            )
+            self.fail(self.error(reason, exit_code=code))
+            return
         self.fail(self.error(f"server exited {_describe_exit(code)} {when}", exit_code=code))
 
     async def _poll_ready(self, spec: ProcessSpec, attempt: _Attempt) -> None:
         """Probe the health path until it answers 200: at once on a ready line, else with
-        backoff (and only after a ready line if the backend requires one). Then, if the
-        backend asks for it, keep probing: a 503 means its engine died."""
+        backoff (and only after a ready line if the backend requires one). Then watch it."""
         path, delay = spec.health_path, PROBE_FIRST_DELAY
         while not (
             (attempt.ready_line_seen or not spec.ready_line_required) and await self._probe(path)
@@ -483,22 +534,43 @@ class _Supervisor:
             ceiling = PROBE_AFTER_LINE_MAX if attempt.ready_line_seen else PROBE_MAX_DELAY
             delay = min(delay * 1.5, ceiling)
         self.set_ready()
-        while self.config.health_interval is not None:
-            await anyio.sleep(self.config.health_interval)
-            if await self._probe_status(path) == spec.dead_status:
-                if attempt.fatal is not None:
-                    return  # the fatal line says better what happened; it fails the scope
-                reason = f"GET {path} answered 503 after the server was ready: its engine died"
+        await self._watch_health(path, spec.dead_status, attempt)
+
+    async def _watch_health(
+        self, path: str, dead_status: int | None, attempt: _Attempt | None = None
+    ) -> None:
+        """After readiness, probe ``path`` every ``health_interval`` s until the scope ends:
+        fail once the engine says it died, or once it has not answered for
+        ``unhealthy_after`` s (see ``_health``). A fatal line already seen says better what
+        happened, and fails the scope by itself."""
+        config = self.config
+        if config.health_interval is None:
+            return
+        watch = HealthWatch(
+            config.unhealthy_after, config.health_timeout, dead_status, anyio.current_time()
+        )
+        while True:
+            await anyio.sleep(config.health_interval)
+            status = await self._probe_status(path, watch.probe_timeout(anyio.current_time()))
+            outcome = watch.record(status, anyio.current_time())
+            if attempt is not None and attempt.fatal is not None:
+                return
+            if outcome is Probe.DEAD:
+                reason = f"GET {path} answered {status} after the server was ready: its engine died"
                 self.fail(self.error(reason))
+                return
+            silent = watch.silent_for(anyio.current_time())
+            if silent is not None:
+                self.fail(self.error(watch.describe(path, silent)))
                 return
 
     async def _probe(self, path: str) -> bool:
-        return await self._probe_status(path) == 200
+        return await self._probe_status(path, PROBE_TIMEOUT) == 200
 
-    async def _probe_status(self, path: str) -> int | None:
-        """The status ``path`` answers, or None if it does not answer in time."""
+    async def _probe_status(self, path: str, limit: float) -> int | None:
+        """The status ``path`` answers, or None if it does not answer within ``limit`` s."""
         try:
-            response = await self.client.get(self.server.base_url + path, timeout=PROBE_TIMEOUT)
+            response = await self.client.get(self.server.base_url + path, timeout=limit)
         except httpx.HTTPError:
             return None
         return response.status_code

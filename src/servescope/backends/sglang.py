@@ -53,8 +53,6 @@ SGLANG_PATTERNS = PatternTable.build(
         r"SIGQUIT received",
     ],
     retry=[ADDRESS_IN_USE],
-)
-
     # After readiness: SGLang's own records announcing a child's death (its request log,
     # 'Receive: obj=...', may quote any prompt and cannot).
     death=[
@@ -67,6 +65,8 @@ SGLANG_PATTERNS = PatternTable.build(
     # '[YYYY-MM-DD HH:MM:SS TP0] message' (0.5: no level); newer: 'LEVEL file.py:N: message'.
     record=r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?( [^\]]*)?\] "
     r"((?P<level>[A-Z]+) \S+:\d+: )?(?P<message>.*)",
+)
+
 
 def sglang_supports_strict_ports() -> bool:
     """Whether this interpreter's SGLang runtime accepts ``--strict-ports`` (read, not imported)."""

