@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import socket
-import threading
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx
-import psutil
 import pytest
 import trustme
 
@@ -31,7 +27,7 @@ from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DummyApp, DummySettings
 from servescope._http import _client_post
 
-from .test_transport import OK, RawServer, Script, always, raw_server
+from .test_transport import OK, PeakRss, RawServer, Script, always, gzip_of_zeros, raw_server
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test-5f1e9a-very-secret"
@@ -135,40 +131,6 @@ async def test_endpoint_through_a_proxy_from_env(monkeypatch: pytest.MonkeyPatch
     assert all(auth in head.lower() for head in proxy.requests)
 
 
-@functools.cache
-def gzip_bomb() -> bytes:
-    """~0.4 MB of gzip that decodes to 400 MB of zeros."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
-    zeros = bytes(1 << 20)
-    return b"".join([*(compressor.compress(zeros) for _ in range(400)), compressor.flush()])
-
-
-class PeakRss:
-    """The highest resident set size seen while inside, sampled every millisecond."""
-
-    def __init__(self) -> None:
-        self.start = self.peak = psutil.Process().memory_info().rss
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._done.wait(0.001):
-            self.peak = max(self.peak, process.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-
 def models_then(body: bytes, recorder: list[RawServer]) -> Script:
     """A proxy that answers GET /v1/models plainly and every POST with a gzip ``body``."""
     models = b'{"object": "list", "data": []}'
@@ -203,7 +165,7 @@ async def proxied_endpoint(
 
 
 async def test_proxied_gzip_bomb_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    bomb = gzip_bomb()
+    bomb = gzip_of_zeros(400)  # 0.4 MB of gzip, 400 MB decoded
     async with proxied_endpoint(monkeypatch, bomb) as (server, proxy):
         await server.wait_ready()
         with PeakRss() as rss, pytest.raises(RequestError, match="over") as info:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+import threading
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 import anyio.abc
 import httpx
+import psutil
 import pytest
 
 from servescope import _transport
+from servescope._http import PROBE_BYTES, fetch_excerpt, probe_status
 from servescope._transport import SlotTransport
 
 pytestmark = pytest.mark.anyio
@@ -287,3 +292,166 @@ async def test_callers_framing_headers_give_way_to_the_real_length() -> None:
 async def test_malformed_url_is_an_invalid_url(url: str, problem: str) -> None:
     with pytest.raises(httpx.InvalidURL, match=problem):
         await SlotTransport().post(url, b"{}")
+
+
+# -- probes: the status, never the whole body ---------------------------------------------
+
+
+class PeakRss:
+    """The highest resident set size seen while inside, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = psutil.Process().memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+Answer = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def streaming_server(answer: Answer) -> AsyncIterator[str]:
+    """A server that reads a request head, then lets ``answer`` write what it likes (and
+    reads the next request on the connection if ``answer`` returns)."""
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                while True:
+                    buffer = b""
+                    while b"\r\n\r\n" not in buffer:
+                        buffer += await stream.receive()
+                    await answer(stream)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield f"http://127.0.0.1:{port}/health"
+        tg.cancel_scope.cancel()
+
+
+async def endless_body(stream: anyio.abc.SocketStream) -> None:
+    await stream.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
+    while True:
+        await stream.send(chunk)
+
+
+async def silence(stream: anyio.abc.SocketStream) -> None:
+    await anyio.sleep_forever()
+
+
+async def drip(stream: anyio.abc.SocketStream) -> None:
+    """A byte every 20 ms, forever: each read is quick, the answer never ends."""
+    for byte in b"HTTP/1.1 200 OK\r\n" + b"x-a: b\r\n" * 100_000:
+        await stream.send(bytes([byte]))
+        await anyio.sleep(0.02)
+
+
+@functools.cache
+def gzip_of_zeros(megabytes: int) -> bytes:
+    """``megabytes`` MB of zeros, gzipped (about 1 KB a MB)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    chunks = [compressor.compress(zeros) for _ in range(megabytes)]
+    return b"".join([*chunks, compressor.flush()])
+
+
+async def gzip_bomb(stream: anyio.abc.SocketStream) -> None:
+    """64 MB of zeros as 64 KB of gzip."""
+    body = gzip_of_zeros(64)
+    head = f"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: {len(body)}\r\n\r\n"
+    await stream.send(head.encode() + body)
+
+
+@asynccontextmanager
+async def probe_client(kind: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client over the slot transport (local servers) or httpx's own (proxied)."""
+    transport = SlotTransport() if kind == "slot" else None
+    async with httpx.AsyncClient(transport=transport, trust_env=False, timeout=30) as client:
+        yield client
+
+
+PROBE_TIMEOUT = 0.5
+# What a probe and an excerpt come to, by transport: the slot transport reads a body
+# whole (to MAX_BODY, patched to 1 MiB here), httpx's own stops after PROBE_BYTES.
+PROBES = [
+    ("slot", endless_body, None, httpx.RemoteProtocolError),
+    ("httpx", endless_body, 200, 200),
+    ("slot", gzip_bomb, 200, 200),
+    ("httpx", gzip_bomb, 200, 200),
+    ("slot", silence, None, httpx.TimeoutException),
+    ("httpx", silence, None, httpx.TimeoutException),
+    ("slot", drip, None, httpx.TimeoutException),
+    ("httpx", drip, None, httpx.TimeoutException),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer", "status", "outcome"),
+    PROBES,
+    ids=[f"{kind}-{answer.__name__}" for kind, answer, _, _ in PROBES],
+)
+async def test_probes_read_little_and_end_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    answer: Answer,
+    status: int | None,
+    outcome: int | type[Exception],
+) -> None:
+    monkeypatch.setattr(_transport, "MAX_BODY", 1 << 20)
+    gzip_of_zeros(64)  # made before the probe's clock starts
+    async with streaming_server(answer) as url, probe_client(kind) as client:
+        with PeakRss() as rss, anyio.fail_after(PROBE_TIMEOUT + 2):
+            assert await probe_status(client, url, PROBE_TIMEOUT) == status
+            if isinstance(outcome, int):
+                got, body = await fetch_excerpt(client, url, PROBE_TIMEOUT)
+                assert (got, len(body) <= PROBE_BYTES) == (outcome, True)
+            else:
+                with pytest.raises(outcome):
+                    await fetch_excerpt(client, url, PROBE_TIMEOUT)
+    assert rss.growth < 40 * 2**20, f"grew {rss.growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("kind", ["slot", "httpx"])
+async def test_probes_of_what_is_not_there(kind: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/health"  # bound, not listening
+        async with probe_client(kind) as client:
+            with anyio.fail_after(5):
+                assert await probe_status(client, url, PROBE_TIMEOUT) is None
+                with pytest.raises(httpx.ConnectError):
+                    await fetch_excerpt(client, url, PROBE_TIMEOUT)
+                assert await probe_status(client, "http://[::1/health", PROBE_TIMEOUT) is None
+                with pytest.raises(httpx.UnsupportedProtocol):
+                    await fetch_excerpt(client, "http://[::1/health", PROBE_TIMEOUT)
+
+
+async def test_endless_chunked_body_ends_at_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_transport, "MAX_BODY", 1 << 20)
+    async with streaming_server(endless_body) as url:
+        transport = SlotTransport()
+        with anyio.fail_after(5), pytest.raises(httpx.RemoteProtocolError, match="over"):
+            await transport.post(url, b"{}")
+        await transport.aclose()

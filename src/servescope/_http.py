@@ -6,9 +6,9 @@ httpx's own transport, which is what speaks to proxies. Foreign exceptions stay 
 here; the pool and the supervisor classify them.
 
 What a server sends is foreign, and may be hostile or broken: every request asks for
-no compression, a body is read no further than ``MAX_BODY``, and a compressed body is
-decoded no further than ``MAX_BODY`` either, so that 0.4 MB of gzip cannot become
-400 MB in memory.
+no compression, a body is read no further than its reader needs (``MAX_BODY`` for a
+completion, ``PROBE_BYTES`` for a probe), and a compressed body is decoded no further
+than ``MAX_BODY`` either, so that 0.4 MB of gzip cannot become 400 MB in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import httpx
 
 from ._config import ServerConfig
@@ -27,7 +28,10 @@ from ._pool import Post
 from ._transport import MAX_BODY, Reply, SlotTransport, bad_header
 from .backends.endpoint import EndpointConfig
 
-__all__ = ["connect_problem", "http_client"]
+__all__ = ["PROBE_BYTES", "connect_problem", "fetch_excerpt", "http_client", "probe_status"]
+
+PROBE_BYTES = 4096
+"""How much of a probed body is read: enough to quote, nothing a server can inflate."""
 
 _IDENTITY = (b"accept-encoding", b"identity")
 _POST_HEADERS = [(b"content-type", b"application/json"), _IDENTITY]
@@ -160,6 +164,48 @@ def _inflate(raw: bytes, wbits: int) -> bytes:
     except zlib.error as exc:
         message = f"the response body cannot be decoded as its content-encoding says: {exc}"
         raise httpx.RemoteProtocolError(message) from exc
+
+
+async def probe_status(
+    client: httpx.AsyncClient,
+    url: str,
+    timeout: float,  # noqa: ASYNC109 (not the caller's scope: httpx's phases need it too)
+) -> int | None:
+    """The status GET ``url`` answers, or ``None`` if it does not answer within ``timeout``
+    seconds (refused, reset, broken, slow: any failure).
+
+    Reads no more than ``PROBE_BYTES`` of the body, so a server's gzip bomb or endless
+    body costs a probe nothing; the status is all a probe needs.
+    """
+    try:
+        status, _ = await fetch_excerpt(client, url, timeout)
+    except httpx.HTTPError:
+        return None
+    return status
+
+
+async def fetch_excerpt(
+    client: httpx.AsyncClient,
+    url: str,
+    timeout: float,  # noqa: ASYNC109 (as probe_status)
+) -> tuple[int, bytes]:
+    """GET ``url`` within ``timeout`` seconds in all: its status and the first
+    ``PROBE_BYTES`` of its raw body, to quote in a message.
+
+    Raises httpx ``HTTPError`` subclasses only: ``TimeoutException`` past ``timeout``
+    (however slowly the server trickles bytes), ``UnsupportedProtocol`` for a URL that
+    cannot be used, the transport's errors for the rest.
+    """
+    with anyio.move_on_after(timeout):
+        try:
+            async with client.stream("GET", url, headers=[_IDENTITY], timeout=timeout) as response:
+                body, _ = await _read_raw(response, PROBE_BYTES)
+                return response.status_code, body
+        except httpx.InvalidURL as exc:
+            raise httpx.UnsupportedProtocol(f"cannot GET {url!r}: {exc}") from exc
+        except (httpx.StreamError, OSError) as exc:  # neither should get past httpx; if they do
+            raise httpx.TransportError(f"GET {url} failed: {exc!r}") from exc
+    raise httpx.ReadTimeout(f"no complete answer from {url} within {timeout:g} s")
 
 
 def connect_problem(url: str, exc: BaseException) -> str:

@@ -281,7 +281,10 @@ class SlotTransport(httpx.AsyncBaseTransport):
         except httpx.TransportError as exc:
             exc.request = request
             raise
-        return httpx.Response(reply.status, headers=reply.headers, content=reply.content)
+        # stream=, not content=: httpx reads (and so decodes) a content= body at once, and a
+        # reader that only wants the status or the raw start must not inflate a gzip bomb.
+        stream = httpx.ByteStream(reply.content)
+        return httpx.Response(reply.status, headers=reply.headers, stream=stream)
 
     async def aclose(self) -> None:
         """Close every idle connection."""
