@@ -377,3 +377,52 @@ def test_vllm_placement_group_lines(line: str, fatal: bool) -> None:
 def test_clients_connect_where_the_engine_listens(options: dict[str, Any], expected: str) -> None:
     for cls in (VLLMConfig, SGLangConfig):
         assert cls(model="m", **options).process_spec(1).connect_host == expected
+
+
+@pytest.mark.parametrize("cls", [VLLMConfig, SGLangConfig])
+@pytest.mark.parametrize("key", ["port", "--port", "-port"])
+def test_engine_port_is_servescopes(cls: type[VLLMConfig | SGLangConfig], key: str) -> None:
+    with pytest.raises(servescope.ConfigError, match=r"args: .*port.*servescope picks"):
+        cls(model="m", args={key: 9000})
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "message"),
+    [
+        (VLLMConfig, "api-key", "use api_key="),
+        (VLLMConfig, "--api_key", "use api_key="),
+        (SGLangConfig, "api-key", "would be refused"),
+    ],
+)
+def test_engine_api_key_flag_is_refused(
+    cls: type[VLLMConfig | SGLangConfig], key: str, message: str
+) -> None:
+    with pytest.raises(servescope.ConfigError, match=message) as info:
+        cls(model="m", args={key: "sk-in-argv"})
+    assert "sk-in-argv" not in str(info.value)
+
+
+def test_secret_flags_are_masked_but_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from servescope._redact import MASK
+
+    config = VLLMConfig(
+        model="m",
+        args={"hf-token": "hf_flag_secret", "max-num-batched-tokens": 8192},
+        env={"HF_TOKEN": "hf_env_secret"},
+    )
+    for text in (repr(config), str(config), config.model_dump_json(), str(config.model_dump())):
+        assert "hf_flag_secret" not in text and "hf_env_secret" not in text, text
+        assert MASK in text and "8192" in text
+    spec = config.process_spec(1)
+    assert "--hf-token=hf_flag_secret" in spec.argv
+    assert spec.env["HF_TOKEN"] == "hf_env_secret"
+    assert sorted(config.secrets()) == ["hf_env_secret", "hf_flag_secret"]
+
+
+@pytest.mark.parametrize("cls", [VLLMConfig, SGLangConfig])
+@pytest.mark.parametrize("options", [{"model": "--port"}, {"model": "m", "host": "-h"}])
+def test_values_that_would_be_read_as_flags(
+    cls: type[VLLMConfig | SGLangConfig], options: dict[str, Any]
+) -> None:
+    with pytest.raises(servescope.ConfigError, match="must not start with '-'"):
+        cls(**options)

@@ -11,13 +11,28 @@ the scope's ``Redactor`` first.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["MASK", "Redactor", "looks_secret"]
+__all__ = [
+    "MASK",
+    "Redactor",
+    "argv_secrets",
+    "looks_secret",
+    "masked",
+    "masked_argv",
+    "secret_values",
+    "without_userinfo",
+]
 
 MASK = "**********"
-#: Names of settings, variables and flags whose values are secrets.
-_SECRET_NAME = re.compile(r"(?i)token|secret|passw(or)?d|api[-_]?key|private[-_]?key|credential")
+#: Names of settings, variables and flags whose values are secrets. ``tokens`` and
+#: ``tokenizer`` are not: ``max_tokens``, ``--tokenizer``, ``TOKENIZERS_PARALLELISM``.
+_SECRET_NAME = re.compile(
+    r"(?i)token(?!s|i[sz])|secret|passw(or)?d|api[-_]?key|private[-_]?key|credential"
+)
+#: The ``user:password@`` of a URL.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
 #: Shorter values are not searched for: blanking "1" everywhere would wreck the text.
 MIN_SECRET_LENGTH = 4
 
@@ -45,3 +60,88 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
+
+
+def without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it masked."""
+    return _USERINFO.sub(rf"\1{MASK}@", text)
+
+
+def masked(value: Any, *, secret: bool = False) -> Any:
+    """A copy of ``value`` (mappings and lists nested in each other) with every value
+    under a secret-looking key replaced by ``MASK``: what a repr or a dump may show."""
+    if isinstance(value, Mapping):
+        return {key: masked(item, secret=secret or _secret_key(key)) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(masked(item, secret=secret) for item in value)
+    return MASK if secret and _is_secret_value(value) else value
+
+
+def secret_values(value: Any) -> list[str]:
+    """Every value under a secret-looking key in ``value`` (mappings and lists nested in
+    each other, cycles included), as text; and in lists of strings, the values of
+    secret-looking flags."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, secret = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, Mapping):
+                stack += [(v, secret or _secret_key(k)) for k, v in item.items()]
+            else:
+                if not secret and all(isinstance(arg, str) for arg in item):
+                    found += argv_secrets(item)
+                stack += [(v, secret) for v in item]
+        elif secret and _is_secret_value(item) and (text := _text(item)):
+            found.append(text)
+    return found
+
+
+def masked_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of each secret-looking flag (``--hf-token X``,
+    ``--password=X``) replaced by ``MASK``."""
+    return _split_argv(argv)[0]
+
+
+def argv_secrets(argv: Sequence[str]) -> list[str]:
+    """The values of the secret-looking flags in ``argv``."""
+    return _split_argv(argv)[1]
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    shown: list[str] = []
+    secrets: list[str] = []
+    value_next = False
+    for arg in argv:
+        if value_next and not arg.startswith("--"):
+            shown.append(MASK)
+            secrets.append(arg)
+            value_next = False
+            continue
+        name, equals, value = arg.partition("=")
+        value_next = arg.startswith("-") and looks_secret(name) and not equals
+        if arg.startswith("-") and looks_secret(name) and equals:
+            shown.append(f"{name}={MASK}")
+            secrets.append(value)
+        else:
+            shown.append(arg)
+    return shown, secrets
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and looks_secret(key)
+
+
+def _text(value: str | float) -> str:
+    if isinstance(value, int) and value.bit_length() > 4096:
+        return ""  # past int-to-str's digit limit: too long to be echoed anywhere anyway
+    return str(value)
+
+
+def _is_secret_value(value: object) -> bool:
+    """Text and numbers under a secret name are secrets; a flag's ``True``, ``None`` are not."""
+    return isinstance(value, str | int | float) and not isinstance(value, bool)

@@ -3,23 +3,29 @@ its log patterns and its readiness path. The machinery that runs it is shared.""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 
-from .._config import ServerConfig
+from .._config import Integer, ServerConfig, Text, excerpt
 from .._logscan import PatternTable
-from .._redact import looks_secret
+from .._redact import masked, secret_values
 
 __all__ = [
     "ADDRESS_IN_USE",
     "EngineConfig",
+    "FlagArgs",
     "ProcessConfig",
     "ProcessSpec",
+    "argv_flag_value",
+    "argv_has_flag",
+    "check_api_key",
+    "check_args",
     "cli_args",
     "connect_host",
     "engine_flags",
@@ -29,6 +35,9 @@ __all__ = [
 ]
 
 ADDRESS_IN_USE = r"(?i)address already in use"
+
+#: Flags for a server's command line: ``{name: value}`` (see ``cli_args``).
+FlagArgs = dict[str, str | int | float | bool | None]
 
 
 @dataclass(frozen=True)
@@ -74,17 +83,31 @@ class EngineConfig(ProcessConfig):
         python: the interpreter the engine is installed in.
     """
 
-    tp: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
-    pp: int = Field(default=1, ge=1)
-    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    host: str = "127.0.0.1"
-    python: str = sys.executable
+    tp: Integer = Field(default=1, ge=1, le=4096)
+    dp: Integer = Field(default=1, ge=1, le=4096)
+    pp: Integer = Field(default=1, ge=1, le=4096)
+    args: FlagArgs = Field(default_factory=dict)
+    host: Text = "127.0.0.1"
+    python: Text = sys.executable
+
+    @field_validator("args")
+    @classmethod
+    def _valid_args(cls, args: FlagArgs) -> FlagArgs:
+        return check_args(args)
+
+    @field_validator("model", "host")
+    @classmethod
+    def _not_a_flag(cls, value: str) -> str:
+        if value.startswith("-"):
+            raise ValueError("must not start with '-' (the engine would read it as a flag)")
+        return value
 
     def secrets(self) -> list[str]:
         """The base's secrets and the values of secret flags in ``args`` (``hf-token``)."""
-        flags = [str(value) for key, value in self.args.items() if looks_secret(key) and value]
-        return [*super().secrets(), *flags]
+        return [*super().secrets(), *secret_values(self.args)]
+
+    def _shown(self, name: str, value: Any) -> Any:
+        return masked(value) if name == "args" else super()._shown(name, value)
 
     def connect_host(self) -> str:
         """Where clients reach the server: its listen address (``args`` win), wildcards
@@ -109,6 +132,59 @@ def cli_args(args: Mapping[str, Any]) -> list[str]:
         elif value is not None:
             argv.append(f"{flag}={value}")
     return argv
+
+
+def check_args(args: FlagArgs) -> FlagArgs:
+    """``args`` if every flag can be passed as given; ``ValueError`` naming the flag if
+    not. The port is refused: servescope picks it (a free one per start), and a server
+    told another one would never be found."""
+    for key, value in args.items():
+        name = _flag(key)
+        if not name or "\0" in key:
+            raise ValueError(f"{excerpt(key)} is not a flag name")
+        if name == "port":
+            raise ValueError(f"{excerpt(key)} sets the port, which servescope picks; remove it")
+        if name == "host" and not isinstance(value, str):
+            raise ValueError(f"{excerpt(key)}: the host must be an address (a string)")
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError(f"{excerpt(key)}: the value must not contain a NUL character")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{excerpt(key)}: the value must be finite")
+        if isinstance(value, int) and value.bit_length() > 64:
+            raise ValueError(f"{excerpt(key)}: the value is too large (at most 64 bits)")
+    return args
+
+
+def check_api_key(key: SecretStr | None) -> SecretStr | None:
+    """``key`` if it can go into an ``Authorization`` header as it is (never echoed)."""
+    if key is None:
+        return key
+    value = key.get_secret_value()
+    if not 0 < len(value) <= 4096 or not all("!" <= char <= "~" for char in value):
+        raise ValueError(
+            "must be 1 to 4096 printable ASCII characters, without spaces or control "
+            "characters (a line break would split the request's headers)"
+        )
+    return key
+
+
+def argv_has_flag(argv: Sequence[str], name: str) -> bool:
+    """Whether ``argv`` has flag ``name`` (``--name``, ``--name=X``, ``-name``, ``--na_me``)."""
+    return any(arg.startswith("-") and _flag(arg.partition("=")[0]) == _flag(name) for arg in argv)
+
+
+def argv_flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value the last ``--name X`` or ``--name=X`` in ``argv`` gives, or ``None``."""
+    found = None
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if not arg.startswith("-") or _flag(flag) != _flag(name):
+            continue
+        if equals:
+            found = value
+        elif i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
 
 
 def _flag(name: str) -> str:

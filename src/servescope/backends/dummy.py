@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .._config import ServerConfig
+from .._config import Integer, Number, ServerConfig, Text
 from .._dummy_app import DEFAULT_TEXT, DummySettings
 from .._faults import FaultSchedule, parse_fault
 
@@ -33,13 +33,13 @@ class DummyConfig(ServerConfig):
     """
 
     backend: Literal["dummy"] = "dummy"
-    model: str = "dummy"
+    model: Text = "dummy"
     text: str = DEFAULT_TEXT
-    completion_tokens: int = Field(default=100, ge=1)
-    latency: float = Field(default=0.0, ge=0)
+    completion_tokens: Integer = Field(default=100, ge=1, le=1_000_000)
+    latency: Number = Field(default=0.0, ge=0, le=3_600)
     faults: tuple[str, ...] = ()
-    fault_rate: float = Field(default=0.0, ge=0, le=1)
-    fault_seed: int = 0
+    fault_rate: Number = Field(default=0.0, ge=0, le=1)
+    fault_seed: Integer = Field(default=0, ge=-(2**63), le=2**63 - 1)
 
     @field_validator("faults")
     @classmethod

@@ -10,14 +10,49 @@ only in the ``Authorization`` header and never appears in a repr, a log line or 
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+import urllib.parse
 from typing import Any, Literal
 
+import httpx
 from pydantic import Field, SecretStr, field_validator
 
-from .._config import ServerConfig
+from .._config import MAX_SECONDS, Flag, Number, PathText, ServerConfig
+from ._base import check_api_key
 
-__all__ = ["EndpointConfig"]
+__all__ = ["EndpointConfig", "url_problem"]
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an endpoint's URL, or ``None``. The message never quotes the
+    URL: it may hold a password."""
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "is not a valid URL (a malformed [IPv6] address?)"
+    if "@" in parts.netloc:
+        return (
+            "must not hold a user or a password (user:password@host): servescope does not "
+            "send them; for bearer auth use api_key"
+        )
+    if not parts.hostname:
+        return "has no host"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or parts.netloc.endswith(":"):
+        return "has an invalid port (allowed: 1 to 65535)"
+    if parts.query or parts.fragment:
+        return "must not have a query or a fragment (paths are appended to it)"
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        return "is not a valid URL"
+    return None
 
 
 class EndpointConfig(ServerConfig):
@@ -34,19 +69,25 @@ class EndpointConfig(ServerConfig):
     backend: Literal["endpoint"] = "endpoint"
     url: str
     api_key: SecretStr | None = None
-    ca_bundle: Path | None = None
-    verify: bool = True
-    trust_env: bool = True
+    ca_bundle: PathText | None = None
+    verify: Flag = True
+    trust_env: Flag = True
     #: Someone else's server, maybe a shared API: probe ``/v1/models`` rarely, be patient.
-    health_interval: float | None = Field(default=10.0, gt=0)
-    unhealthy_after: float = Field(default=120.0, gt=0)
+    health_interval: Number | None = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    unhealthy_after: Number = Field(default=120.0, gt=0, le=MAX_SECONDS)
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, not {url!r}")
+        problem = url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
         return url
+
+    @field_validator("api_key")
+    @classmethod
+    def _valid_key(cls, key: SecretStr | None) -> SecretStr | None:
+        return check_api_key(key)
 
     def secrets(self) -> list[str]:
         """The API key too."""

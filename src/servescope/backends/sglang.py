@@ -20,12 +20,14 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from .._config import MAX_SECONDS, Flag, Integer, Number, Text
 from .._logscan import PatternTable
 from ._base import (
     ADDRESS_IN_USE,
     EngineConfig,
+    FlagArgs,
     ProcessSpec,
     cli_args,
     engine_flags,
@@ -96,11 +98,22 @@ class SGLangConfig(EngineConfig):
     """
 
     backend: Literal["sglang"] = "sglang"
-    model: str
-    context_length: int | None = Field(default=None, gt=0)
-    strict_ports: bool | None = None
+    model: Text
+    context_length: Integer | None = Field(default=None, gt=0, le=2**31 - 1)
+    strict_ports: Flag | None = None
     #: SGLang's ``/health`` runs a one-token generation (and takes >= 1 s): probe gently.
-    health_interval: float | None = Field(default=5.0, gt=0)
+    health_interval: Number | None = Field(default=5.0, gt=0, le=MAX_SECONDS)
+
+    @field_validator("args")
+    @classmethod
+    def _no_key_flag(cls, args: FlagArgs) -> FlagArgs:
+        if has_flag(args, "api-key"):
+            raise ValueError(
+                "no api-key flag: servescope's requests carry no key for SGLang, so every "
+                "one would be refused (401), and ps shows the command line to every user; "
+                "keep host on 127.0.0.1 instead"
+            )
+        return args
 
     def server_args(self) -> list[str]:
         """The flags after ``--port``."""

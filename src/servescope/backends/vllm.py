@@ -25,13 +25,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
+from .._config import MAX_SECONDS, Flag, Integer, Number, Text
 from .._logscan import PatternTable
 from ._base import (
     ADDRESS_IN_USE,
     EngineConfig,
+    FlagArgs,
     ProcessSpec,
+    check_api_key,
     cli_args,
     engine_flags,
     has_flag,
@@ -114,13 +117,29 @@ class VLLMConfig(EngineConfig):
     """
 
     backend: Literal["vllm"] = "vllm"
-    model: str
-    max_model_len: int | None = Field(default=None, gt=0)
+    model: Text
+    max_model_len: Integer | None = Field(default=None, gt=0, le=2**31 - 1)
     api_key: SecretStr | None = None
-    executable: tuple[str, ...] | None = None
-    compile_lock: bool = True
+    executable: tuple[Text, ...] | None = None
+    compile_lock: Flag = True
     #: vLLM's ``/health`` only reads the engine's error flag: cheap, and 503 means dead.
-    health_interval: float | None = Field(default=0.5, gt=0)
+    health_interval: Number | None = Field(default=0.5, gt=0, le=MAX_SECONDS)
+
+    @field_validator("api_key")
+    @classmethod
+    def _valid_key(cls, key: SecretStr | None) -> SecretStr | None:
+        return check_api_key(key)
+
+    @field_validator("args")
+    @classmethod
+    def _no_key_flag(cls, args: FlagArgs) -> FlagArgs:
+        if has_flag(args, "api-key"):
+            raise ValueError(
+                "use api_key= rather than an api-key flag: servescope gives the key to vLLM "
+                "in VLLM_API_KEY, not on the command line where ps shows it to every user, "
+                "and sends it with each request"
+            )
+        return args
 
     def secrets(self) -> list[str]:
         """The API key too."""
