@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from servescope import ConfigError, RequestError, ServerConfig, load_config
 from servescope._generate import _line, _parse, resume
-from servescope._loadconfig import read_config_file
+from servescope._loadconfig import BACKENDS, read_config_file
 from servescope._logscan import LineSplitter
 from servescope._responses import parse_completion, parse_json
 from servescope._retry import parse_retry_after
+from servescope.backends._base import ProcessConfig
+from servescope.backends.endpoint import EndpointConfig
 from servescope.backends.sglang import SGLANG_PATTERNS
-from servescope.backends.vllm import VLLM_PATTERNS
+from servescope.backends.vllm import VLLM_PATTERNS, VLLMConfig
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -90,6 +92,136 @@ def test_config_files(tmp_path_factory: Any, data: bytes, suffix: str) -> None:
     path.write_bytes(data)
     try:
         read_config_file(path)
+    except ConfigError:
+        pass
+
+
+#: Every setting of every backend, and values built to hit each check: non-finite and
+#: huge numbers, bools and numeric strings, NUL and line breaks, bad URLs, port and host
+#: flags, secret-looking names, nesting, types no config file can hold.
+FIELD_NAMES = sorted({name for cls in BACKENDS.values() for name in cls.model_fields})
+NAMES = st.sampled_from([*FIELD_NAMES, "port", "--port", "host", "--host=::", "api-key"])
+hostile_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.builds(pow, st.just(10), st.integers(4400, 5000))  # past int-to-str's digit limit
+    | st.sampled_from(
+        [
+            2**63,
+            "7",
+            "sk-1\r\nX: 1",
+            "a\x00b",
+            "--port",
+            "--port=1",
+            "--host",
+            "--hf-token",
+            "http://user:pw@h:70000/v1",
+            "http://[::1/v1",
+            "https://h/v1",
+            "/health",
+            "(",
+        ]
+    )
+)
+hostile_values = (
+    hostile_scalars
+    | st.dictionaries(NAMES | st.text(max_size=8), hostile_scalars, max_size=3)
+    | st.lists(st.text(max_size=8) | NAMES, max_size=4)
+    | st.recursive(
+        hostile_scalars | st.sets(st.integers(), max_size=2) | st.binary(max_size=4),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.tuples(inner, inner)
+            | st.dictionaries(NAMES | st.text(max_size=8) | st.integers(), inner, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
+MINIMAL: dict[str, dict[str, Any]] = {
+    "dummy": {},
+    "vllm": {"model": "m"},
+    "sglang": {"model": "m"},
+    "endpoint": {"model": "m", "url": "http://127.0.0.1:1/v1"},
+    "custom": {"script": "s.py"},
+}
+
+
+@given(st.data(), st.sampled_from(sorted(BACKENDS)))
+def test_hostile_config_values(data: st.DataObject, backend: str) -> None:
+    """A config either fails with a short ``ConfigError`` or can be shown and launched."""
+    own = st.sampled_from(sorted(BACKENDS[backend].model_fields))
+    values = data.draw(
+        st.dictionaries(own | NAMES | st.text(max_size=8), hostile_values, max_size=3)
+    )
+    check_config({**MINIMAL[backend], **values, "backend": backend})
+
+
+#: Values of the right type whose content is hostile: most of these configs build.
+text = st.text(max_size=12) | st.sampled_from(["a\x00b", "--port", "--host", "::", "0.0.0.0"])
+typed_settings = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": text,
+        "host": text,
+        "python": text,
+        "script": text,
+        "url": text | st.sampled_from(["http://user:pw@h/v1", "https://[::1]:0", "http://h:x"]),
+        "api_key": text,
+        "env": st.dictionaries(NAMES | text, text, max_size=3),
+        "args": st.dictionaries(NAMES | text, hostile_scalars, max_size=3),
+        "extra_args": st.lists(NAMES | text, max_size=4),
+        "default_params": st.dictionaries(NAMES | text, hostile_values, max_size=3),
+        "health_path": text,
+        "max_concurrency": st.integers(),
+        "latency": st.floats(),
+    },
+)
+
+
+@given(typed_settings, st.sampled_from(sorted(BACKENDS)))
+def test_typed_config_values(values: dict[str, Any], backend: str) -> None:
+    fields = BACKENDS[backend].model_fields
+    own = {key: value for key, value in values.items() if key in fields}
+    check_config({**MINIMAL[backend], **own, "backend": backend})
+
+
+def check_config(values: dict[str, Any]) -> None:
+    """``values`` fail with a short ``ConfigError``, or make a config that can be shown
+    and launched."""
+    try:
+        config = load_config(values)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith("invalid ") and len(message) < 4000
+        return
+    texts = [repr(config), str(config), config.model_dump_json(), str(config.model_dump())]
+    assert all(isinstance(text, str) for text in texts)
+    assert all(isinstance(secret, str) for secret in config.secrets())
+    if isinstance(config, ProcessConfig):
+        spec = config.process_spec(1)
+        launcher = len(config.launcher()) if isinstance(config, VLLMConfig) else 1
+        assert spec.argv[launcher:].count("--port") == 1  # servescope's, read as a flag
+        assert all(isinstance(arg, str) and "\0" not in arg for arg in spec.argv)
+        assert all("\0" not in name + value and "=" not in name for name, value in spec.env.items())
+        assert spec.connect_host
+    elif not isinstance(config, EndpointConfig) or config.ca_bundle is None:
+        config.client_options()
+
+
+@given(
+    st.sampled_from([".json", ".toml"]),
+    st.sampled_from(["[", "{", '{"a": ', "a = [", "a = { b = ", "x = {y = ["]),
+    st.integers(1, 3000),
+)
+def test_nested_config_files(tmp_path_factory: Any, suffix: str, opening: str, depth: int) -> None:
+    path = Path(tmp_path_factory.mktemp("cfg")) / f"config{suffix}"
+    closing = {"[": "]", "{": "}", '{"a": ': "}"}.get(opening, "]")
+    path.write_text(opening * depth + "1" + closing * depth)
+    try:
+        load_config(path)
     except ConfigError:
         pass
 
