@@ -17,6 +17,7 @@ import trustme
 import servescope
 from servescope import (
     BadRequest,
+    ConfigError,
     EndpointConfig,
     RequestError,
     RetriesExhausted,
@@ -225,3 +226,21 @@ async def test_proxied_post_names_a_bad_client_header_not_its_value(
     assert KEY not in str(info.value)
     assert KEY not in caplog.text  # httpcore logs what it refuses at DEBUG
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    ["http://user:pw@[::1", "ftp://user:pw@127.0.0.1"],
+    ids=["bad-url", "bad-scheme"],
+)
+async def test_unusable_proxy_from_env_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, proxy: str
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    config = EndpointConfig(url="http://api.example.invalid/v1", model="m")
+    with anyio.fail_after(10), pytest.raises(ConfigError, match="HTTP_PROXY") as info:
+        async with open_server(config):
+            pass
+    assert "pw" not in str(info.value)

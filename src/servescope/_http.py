@@ -24,6 +24,7 @@ import anyio
 import httpx
 
 from ._config import ServerConfig
+from ._errors import ConfigError
 from ._pool import Post
 from ._transport import MAX_BODY, Reply, SlotTransport, bad_header
 from .backends.endpoint import EndpointConfig
@@ -56,7 +57,15 @@ def http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[
     if _proxied(config, options):
         slots = config.max_concurrency
         limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits, **options)
+        try:
+            client = httpx.AsyncClient(timeout=timeout, limits=limits, **options)
+        except (httpx.InvalidURL, ValueError, ImportError) as exc:  # bad URL, scheme, no socksio
+            # httpx's messages show a proxy URL's password as [secure].
+            message = (
+                "the proxy from the environment (HTTP_PROXY, HTTPS_PROXY or ALL_PROXY) "
+                f"cannot be used: {exc}"
+            )
+            raise ConfigError(message) from None
         client.headers["accept-encoding"] = "identity"
         return client, _client_post(client), {}
     transport = SlotTransport(
