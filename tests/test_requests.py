@@ -314,7 +314,8 @@ async def test_requests_fail_fast_after_the_server_failed() -> None:
             await anyio.sleep(10)
     with pytest.raises(servescope.ServerCrashed) as again:
         await server.chat([{"role": "user", "content": "hi"}])
-    assert again.value is info.value
+    # The scope's own error (a copy each time: one object would collect every traceback).
+    assert (str(again.value), again.value.exit_code) == (str(info.value), info.value.exit_code)
 
 
 @pytest.mark.anyio
@@ -436,8 +437,19 @@ async def test_unencodable_payload_is_a_bad_request_never_sent(payload: Any, pro
         ({"x-a": f"{KEY}\ud800"}, "header 'x-a'"),
         ({"x-\u00e9": KEY}, "header name 'x-"),
         ({"host": "elsewhere"}, "multiple Host"),
+        ([("x-a", "b")], "headers must be a mapping"),
     ],
-    ids=["crlf", "nul", "space-in-name", "int-value", "int-name", "surrogate", "non-ascii", "host"],
+    ids=[
+        "crlf",
+        "nul",
+        "space-in-name",
+        "int-value",
+        "int-name",
+        "surrogate",
+        "non-ascii",
+        "host",
+        "list",
+    ],
 )
 async def test_unsendable_header_is_a_bad_request_never_sent(headers: Any, problem: str) -> None:
     async with scripted_pool(always(answer(200, b"{}"))) as (pool, server):
@@ -537,3 +549,15 @@ def test_parse_completion_with_the_pools_redaction() -> None:
         pool.parse_completion({"error": f"bad key {KEY}"})
     assert KEY not in str(info.value)
     assert pool.parse_completion({"choices": [{"text": "ok"}]}).text == "ok"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "problem"), [(5, "path must be a str"), ("/v1/x y", "cannot carry")], ids=str
+)
+async def test_unusable_path_is_a_bad_request_never_sent(path: Any, problem: str) -> None:
+    async with scripted_pool(always(answer(200, b"{}"))) as (pool, server):
+        with pytest.raises(BadRequest, match=problem) as info:
+            await pool.request({"prompt": "hi"}, path=path)
+    assert info.value.status_code is None
+    assert server.requests == []

@@ -9,6 +9,12 @@ Classification (see ``_responses`` for statuses): connection errors, timeouts an
 ``RetriesExhausted`` is raised with the last failure as its cause; 400/401/403/404/
 413/422 raise ``BadRequest`` at once; a 2xx whose body is not the JSON object it
 should be raises ``RequestError`` at once, with an excerpt of what came back.
+
+A request that cannot be sent at all — a payload that is not strict JSON, a header
+HTTP cannot carry, a path that is not text — is ``BadRequest`` with ``status_code``
+``None``, before anything goes on the wire; a server URL that cannot be used is a
+``RequestError``. Neither is retried. Messages name a bad header, never its value,
+and everything quoted from a server passes through ``redact`` first.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def encode_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     Only the types and the encoding are checked here; what HTTP allows in a name or a
     value is the transport's to refuse. A value is never shown: it may be a secret.
     """
+    if not isinstance(headers, Mapping):
+        message = (
+            f"the request cannot be sent: headers must be a mapping, not {type(headers).__name__}"
+        )
+        raise BadRequest(message, status_code=None)
     encoded = []
     for name, value in headers.items():
         if not isinstance(name, str):
@@ -156,6 +167,11 @@ class RequestPool:
             {"model": self._config.model, **self._config.default_params, **payload}
         )
         path = path or (CHAT_PATH if self._config.use_chat else COMPLETIONS_PATH)
+        if not isinstance(path, str):
+            message = (
+                f"the request cannot be sent: its path must be a str, not {type(path).__name__}"
+            )
+            raise BadRequest(message, status_code=None)
         self._check_open()
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
