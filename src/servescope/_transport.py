@@ -13,8 +13,12 @@ connection per request.
 
 ``SlotTransport.post`` is the pool's fast path (bytes in, ``Reply`` out); it is also an
 ``httpx.AsyncBaseTransport``, so probes and users of ``httpx.AsyncClient`` get the same
-connections. Errors are httpx's exception classes either way. Bodies are read whole
-(completion responses are small, and capped at ``MAX_BODY``).
+connections. Errors are httpx's exception classes either way, nothing else: a URL
+urllib cannot parse is ``InvalidURL``, a header HTTP cannot carry is
+``LocalProtocolError`` naming the header (never its value, which may be a secret).
+Bodies are read whole (completion responses are small, and capped at ``MAX_BODY``);
+httpx gets them as a stream, so that a reader that wants only the status or the first
+bytes does not have httpx decode the rest.
 """
 
 from __future__ import annotations
