@@ -505,3 +505,23 @@ def test_process_settings_that_cannot_reach_a_process(values: dict[str, Any], me
 def test_a_script_named_like_an_option_is_still_a_script() -> None:
     argv = CustomConfig(script=Path("-c.py")).process_spec(1).argv
     assert argv[1] == "./-c.py"
+
+
+def test_a_secret_flag_value_of_the_wrong_type_is_not_echoed() -> None:
+    values = {"script": "s.py", "extra_args": ["--hf-token", 12345678], "model": 12345678}
+    with pytest.raises(ConfigError, match=r"extra_args.1: Input should be a valid string") as info:
+        CustomConfig.build(values)
+    assert "12345678" not in str(info.value)
+
+
+def test_url_passwords_in_settings_are_secrets() -> None:
+    config = DummyConfig(env={"HTTPS_PROXY": "http://me:pw_in_proxy@proxy:3128", "A": "x@y"})
+    assert config.secrets() == ["pw_in_proxy"]
+    assert "pw_in_proxy" not in repr(config) and "pw_in_proxy" not in config.model_dump_json()
+    assert config.env["HTTPS_PROXY"] == "http://me:pw_in_proxy@proxy:3128"
+
+
+def test_an_empty_port_is_the_default_port() -> None:
+    from servescope import EndpointConfig
+
+    assert EndpointConfig(model="m", url="http://h:/v1").root_url() == "http://h:"

@@ -31,8 +31,8 @@ MASK = "**********"
 _SECRET_NAME = re.compile(
     r"(?i)token(?!s|i[sz])|secret|passw(or)?d|api[-_]?key|private[-_]?key|credential"
 )
-#: The ``user:password@`` of a URL.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+#: The ``user:password@`` of a URL (anchored on ``://``: linear on any text).
+_USERINFO = re.compile(r"://([^/?#\s]*)@")
 #: Shorter values are not searched for: blanking "1" everywhere would wreck the text.
 MIN_SECRET_LENGTH = 4
 
@@ -64,23 +64,26 @@ class Redactor:
 
 def without_userinfo(text: str) -> str:
     """``text`` with the ``user:password@`` of every URL in it masked."""
-    return _USERINFO.sub(rf"\1{MASK}@", text)
+    return _USERINFO.sub(f"://{MASK}@", text)
 
 
 def masked(value: Any, *, secret: bool = False) -> Any:
     """A copy of ``value`` (mappings and lists nested in each other) with every value
-    under a secret-looking key replaced by ``MASK``: what a repr or a dump may show."""
+    under a secret-looking key replaced by ``MASK``, and the passwords of URLs masked:
+    what a repr or a dump may show."""
     if isinstance(value, Mapping):
         return {key: masked(item, secret=secret or _secret_key(key)) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(masked(item, secret=secret) for item in value)
-    return MASK if secret and _is_secret_value(value) else value
+    if secret and _text(value):
+        return MASK
+    return without_userinfo(value) if isinstance(value, str) else value
 
 
 def secret_values(value: Any) -> list[str]:
-    """Every value under a secret-looking key in ``value`` (mappings and lists nested in
-    each other, cycles included), as text; and in lists of strings, the values of
-    secret-looking flags."""
+    """Every secret in ``value`` (mappings and lists nested in each other, cycles
+    included), as text: values under a secret-looking key, values of secret-looking flags
+    in lists (``["--hf-token", X]``), passwords of URLs (``http://user:X@proxy``)."""
     found: list[str] = []
     seen: set[int] = set()
     stack: list[tuple[Any, bool]] = [(value, False)]
@@ -93,12 +96,19 @@ def secret_values(value: Any) -> list[str]:
             if isinstance(item, Mapping):
                 stack += [(v, secret or _secret_key(k)) for k, v in item.items()]
             else:
-                if not secret and all(isinstance(arg, str) for arg in item):
-                    found += argv_secrets(item)
+                if not secret:
+                    found += argv_secrets([_text(arg) for arg in item])  # non-text: ""
                 stack += [(v, secret) for v in item]
-        elif secret and _is_secret_value(item) and (text := _text(item)):
+        elif secret and (text := _text(item)):
             found.append(text)
+        elif isinstance(item, str) and "@" in item:
+            found += _url_passwords(item)
     return found
+
+
+def _url_passwords(text: str) -> list[str]:
+    passwords = (match.group(1).partition(":")[2] for match in _USERINFO.finditer(text))
+    return [password for password in passwords if password]
 
 
 def masked_argv(argv: Sequence[str]) -> list[str]:
@@ -119,14 +129,14 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     for arg in argv:
         if value_next and not arg.startswith("--"):
             shown.append(MASK)
-            secrets.append(arg)
+            secrets += [arg] if arg else []
             value_next = False
             continue
         name, equals, value = arg.partition("=")
         value_next = arg.startswith("-") and looks_secret(name) and not equals
         if arg.startswith("-") and looks_secret(name) and equals:
             shown.append(f"{name}={MASK}")
-            secrets.append(value)
+            secrets += [value] if value else []
         else:
             shown.append(arg)
     return shown, secrets
@@ -136,12 +146,11 @@ def _secret_key(key: object) -> bool:
     return isinstance(key, str) and looks_secret(key)
 
 
-def _text(value: str | float) -> str:
+def _text(value: object) -> str:
+    """Text and numbers as text (a secret's form in a message); anything else (a flag's
+    ``True``, ``None``, a list) is no secret: empty."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        return ""
     if isinstance(value, int) and value.bit_length() > 4096:
         return ""  # past int-to-str's digit limit: too long to be echoed anywhere anyway
     return str(value)
-
-
-def _is_secret_value(value: object) -> bool:
-    """Text and numbers under a secret name are secrets; a flag's ``True``, ``None`` are not."""
-    return isinstance(value, str | int | float) and not isinstance(value, bool)

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from .._config import PathText, Text
 from .._logscan import PatternTable
-from .._redact import argv_secrets, masked, masked_argv, secret_values
+from .._redact import masked, masked_argv, secret_values
 from ._base import (
     ADDRESS_IN_USE,
     FlagArgs,
@@ -81,13 +81,13 @@ class CustomConfig(ProcessConfig):
 
     def secrets(self) -> list[str]:
         """The base's secrets and the values of secret flags in ``args`` and ``extra_args``."""
-        return [*super().secrets(), *secret_values(self.args), *argv_secrets(self.extra_args)]
+        return [*super().secrets(), *secret_values(self.args), *secret_values(self.extra_args)]
 
     def _shown(self, name: str, value: Any) -> Any:
         if name == "args":
             return masked(value)
         if name == "extra_args":
-            return type(value)(masked_argv(value))
+            return type(value)(masked(masked_argv(value)))
         return super()._shown(name, value)
 
     def connect_host(self) -> str:

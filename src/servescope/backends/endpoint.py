@@ -44,7 +44,7 @@ def url_problem(url: str) -> str | None:
         port = parts.port
     except ValueError:
         port = 0
-    if port == 0 or parts.netloc.endswith(":"):
+    if port == 0:
         return "has an invalid port (allowed: 1 to 65535)"
     if parts.query or parts.fragment:
         return "must not have a query or a fragment (paths are appended to it)"
