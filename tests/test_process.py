@@ -16,6 +16,7 @@ import anyio
 import psutil
 import pytest
 
+import servescope
 from servescope import ServerCrashed, ServerStartError, _server, open_server
 from servescope._ports import pick_port as real_pick
 from servescope._serverlog import log_file_name
@@ -136,7 +137,7 @@ async def test_fatal_text_outside_a_traceback_after_ready_is_not_a_crash() -> No
         async with open_server(dummy_process("--ready-after", "0.3", *prints)) as server:
             await server.wait_ready()
             await anyio.sleep(1.2)
-            assert any(OOM_LINE == line for line in server.log_tail())
+            assert any(line == OOM_LINE for line in server.log_tail())
             out = await server.chat([{"role": "user", "content": OOM_LINE}])
             assert out.text
 
@@ -346,3 +347,160 @@ async def test_crashed_server_is_torn_down_with_a_short_grace(tmp_path: Path) ->
     raised = anyio.current_time() - ready
     assert raised < 1.5 + 0.25 + 1.0 + 1.5, f"{raised:.2f} s"  # exit, drain, grace, slack
     assert_all_gone(read_pids(pid_file))
+
+
+# -- nothing outlives the scope, on every path -------------------------------------------
+
+
+async def test_cancelled_at_any_moment_of_the_start_leaves_nothing_running() -> None:
+    """Cancelled while the reaper and the server are being spawned (and at random moments
+    after): not one process of the tree is alive the moment ``open_server`` returns."""
+    from .conftest import leftover_processes
+
+    since = time.time()
+    for step in range(40):
+        with anyio.move_on_after(step * 0.008):
+            async with open_server(dummy_process("--ready-after", "0.1")) as server:
+                await server.wait_ready()
+                await anyio.sleep(5)
+        left = [(proc.pid, proc.cmdline()) for proc in leftover_processes(since)]
+        assert not left, f"cancelled after {step * 8} ms, still running: {left}"
+
+
+async def test_reaper_sigkilled_its_tree_is_killed_by_the_driver(tmp_path: Path) -> None:
+    """The OOM killer takes the reaper: the server dies with it (PDEATHSIG), and its
+    descendants — re-parented to init — are found by their token and killed."""
+    pid_file = tmp_path / "pids.json"
+    config = dummy_process(
+        *("--child", "ignore-sigterm", "--child", "new-group", "--child", "orphan"),
+        *("--pid-file", str(pid_file)),
+    )
+    with anyio.fail_after(20), pytest.raises(ServerCrashed, match="reaper") as caught:
+        async with open_server(config) as server:
+            await server.wait_ready()
+            pids = read_pids(pid_file)
+            assert server.pid is not None
+            reaper = psutil.Process(server.pid).parent()
+            assert reaper is not None and "_reaper.py" in " ".join(reaper.cmdline())
+            reaper.kill()
+            await anyio.sleep(10)
+    assert "SIGKILL" in caught.value.reason
+    assert_all_gone(pids)
+
+
+@pytest.mark.parametrize(
+    ("dummy_args", "expected"),
+    [
+        (("--never-ready", "--exit-after", "0.5"), ServerStartError),  # fails before ready
+        (("--ready-after", "5"), servescope.ServerClosed),  # the body ends before ready
+    ],
+)
+async def test_waiters_outside_the_scope_are_woken_when_it_ends(
+    dummy_args: tuple[str, ...], expected: type[Exception]
+) -> None:
+    """Requests from a task of the caller's own task group, waiting for readiness when the
+    scope ends, get the scope's error (or ServerClosed) instead of waiting forever."""
+    outcomes: list[BaseException] = []
+
+    async def outside(server: servescope.Server, call: str) -> None:
+        try:
+            if call == "chat":
+                await server.chat([{"role": "user", "content": "hi"}])
+            else:
+                await server.wait_ready()
+        except servescope.ServeError as exc:
+            outcomes.append(exc)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as callers:
+            try:
+                async with open_server(dummy_process(*dummy_args)) as server:
+                    callers.start_soon(outside, server, "chat")
+                    callers.start_soon(outside, server, "wait_ready")
+                    await anyio.sleep(0.2)
+                    if expected is ServerStartError:
+                        await anyio.sleep(30)
+            except ServerStartError:
+                assert expected is ServerStartError
+    assert [type(exc) for exc in outcomes] == [expected, expected]
+    assert outcomes[0] is not outcomes[1]  # each its own copy: no shared traceback
+
+
+async def test_no_file_descriptors_left_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from servescope import _process
+
+    def exhausted() -> tuple[socket.socket, socket.socket]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(_process.socket, "socketpair", exhausted)
+    with anyio.fail_after(10), pytest.raises(ServerStartError, match="Too many open files"):
+        async with open_server(dummy_process()):
+            pass
+
+
+# -- the log file never fails a server ----------------------------------------------------
+
+
+async def test_unusable_log_dir_does_not_stop_the_server(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "logs"
+    not_a_dir.write_text("a file where the log directory should be")
+    with anyio.fail_after(20):
+        async with open_server(dummy_process(log_dir=not_a_dir)) as server:
+            out = await server.chat([{"role": "user", "content": "hi"}])
+            assert out.text
+            assert any("log file" in line and "given up" in line for line in server.log_tail())
+
+
+async def test_full_log_disk_does_not_kill_a_healthy_server(tmp_path: Path) -> None:
+    """Writes to the log file fail with ENOSPC (it is /dev/full): the server serves on."""
+    (tmp_path / log_file_name(0, 0)).symlink_to("/dev/full")
+    config = dummy_process("--print", "0.6:stdout:a line after ready", log_dir=tmp_path)
+    with anyio.fail_after(20):
+        async with open_server(config) as server:
+            await server.wait_ready()
+            await anyio.sleep(1.0)
+            out = await server.chat([{"role": "user", "content": "hi"}])
+            assert out.text
+            tail = server.log_tail()
+            assert any("No space left on device" in line for line in tail), tail
+            assert "a line after ready" in tail
+
+
+async def test_log_file_is_rotated_at_log_max_bytes(tmp_path: Path) -> None:
+    """A flood of 4 MB of lines: the file stays under log_max_bytes, one rotation kept."""
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import sys\n"
+        "for n in range(40_000):\n"
+        "    print(f'{n:08d} ' + 'x' * 92)\n"
+        "from servescope.dummy import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    config = servescope.CustomConfig(script=script, log_dir=tmp_path, log_max_bytes=1 << 20)
+    with anyio.fail_after(30):
+        async with open_server(config) as server:
+            await server.wait_ready()
+    current = tmp_path / log_file_name(0, 0)
+    rotated = current.with_name(current.name + ".1")
+    assert current.stat().st_size <= 1 << 20
+    assert 0 < rotated.stat().st_size <= 1 << 20
+    assert "Application startup complete" in current.read_text()  # the newest lines kept
+    assert "00039999" in (rotated.read_text() + current.read_text())
+
+
+async def test_secrets_the_server_prints_are_blanked(tmp_path: Path) -> None:
+    """A server that prints its token: not in the log file, the tail or the error."""
+    secret = "hf_Secret0123456789"
+    script = tmp_path / "leaky.py"
+    script.write_text(
+        "import os\nprint('token is', os.environ['HF_TOKEN'], flush=True)\nraise SystemExit(3)\n"
+    )
+    config = servescope.CustomConfig(script=script, env={"HF_TOKEN": secret}, log_dir=tmp_path)
+    with anyio.fail_after(20), pytest.raises(ServerStartError) as caught:
+        async with open_server(config):
+            await anyio.sleep(30)
+    assert secret not in str(caught.value)
+    assert "token is **********" in caught.value.log_tail
+    assert secret not in (tmp_path / log_file_name(0, 0)).read_text()
