@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
 from servescope import ConfigError, RequestError, ServerConfig, load_config
 from servescope._generate import _line, _parse, resume
+from servescope._http import _decode
 from servescope._loadconfig import BACKENDS, read_config_file
 from servescope._logscan import LineSplitter
 from servescope._responses import parse_completion, parse_json
 from servescope._retry import parse_retry_after
+from servescope._transport import MAX_BODY, bad_header
 from servescope.backends._base import ProcessConfig
 from servescope.backends.endpoint import EndpointConfig
 from servescope.backends.sglang import SGLANG_PATTERNS
@@ -68,6 +74,53 @@ def test_response_parsing_deep_nesting(opening: bytes, depth: int, closing: byte
 def test_retry_after(value: str) -> None:
     seconds = parse_retry_after(value)
     assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+
+
+def raw_deflate(data: bytes) -> bytes:
+    return zlib.compress(data)[2:-4]
+
+
+COMPRESSORS: list[Callable[[bytes], bytes]] = [gzip.compress, zlib.compress, raw_deflate]
+
+# Sound compressed bodies, cut anywhere and followed by junk.
+compressed = st.builds(
+    lambda compress, data, cut, junk: compress(data)[:cut] + junk,
+    st.sampled_from(COMPRESSORS),
+    st.binary(max_size=500),
+    st.integers(0, 600),
+    st.binary(max_size=20),
+)
+
+
+@given(
+    st.binary(max_size=600) | compressed,
+    st.sampled_from([None, "identity", "gzip", "x-gzip", "deflate", " GZIP ", "br", "gzip, br"]),
+)
+def test_content_decoding(raw: bytes, coding: str | None) -> None:
+    try:
+        body = _decode(raw, coding)
+    except httpx.RemoteProtocolError:
+        return
+    assert len(body) <= MAX_BODY
+
+
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=30), st.binary(max_size=30))
+        | st.tuples(st.just(b"x"), st.text().map(str.encode)),
+        max_size=5,
+    ),
+    st.text(min_size=4, max_size=20).map(lambda text: "\u00a7" + text),
+)
+def test_bad_header_names_never_values(headers: list[tuple[bytes, bytes]], secret: str) -> None:
+    """Which header HTTP cannot carry is said without its value (an API key, perhaps).
+
+    The secret starts with a character no message of ``bad_header`` has of its own.
+    """
+    headers = [(name, value + secret.encode()) for name, value in headers]
+    problem = bad_header(headers)
+    if problem is not None:
+        assert secret not in problem
 
 
 @given(
