@@ -179,17 +179,24 @@ hostile_scalars = (
         ]
     )
 )
+
+
+def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = NAMES | st.text(max_size=8) | st.integers()
+    return (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(keys, inner, max_size=4)
+    )
+
+
 hostile_values = (
     hostile_scalars
     | st.dictionaries(NAMES | st.text(max_size=8), hostile_scalars, max_size=3)
     | st.lists(st.text(max_size=8) | NAMES, max_size=4)
     | st.recursive(
         hostile_scalars | st.sets(st.integers(), max_size=2) | st.binary(max_size=4),
-        lambda inner: (
-            st.lists(inner, max_size=4)
-            | st.tuples(inner, inner)
-            | st.dictionaries(NAMES | st.text(max_size=8) | st.integers(), inner, max_size=4)
-        ),
+        containers,
         max_leaves=20,
     )
 )
