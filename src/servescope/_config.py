@@ -97,9 +97,11 @@ class ServerConfig(BaseModel):
         log_tail_lines: how many recent log lines an error message carries.
         log_max_bytes: the log file is rotated (one ``.1`` kept) when it grows past this.
         ready_patterns / fatal_patterns: regular expressions added to the backend's own.
-        env: extra environment variables for the server process.
+        env: extra environment variables for the server process (those named like
+            secrets, ``HF_TOKEN``, are masked in a repr or a dump, never in the process).
         use_chat: ``server.request`` posts to ``/v1/chat/completions`` (else ``/v1/completions``).
-        default_params: request parameters used unless a call sets them.
+        default_params: request parameters used unless a call sets them (JSON: at most
+            ``MAX_PARAMS_DEPTH`` levels deep).
         request_timeout / connect_timeout: per-attempt limits, in seconds.
         max_concurrency: requests in flight at once (others wait for a slot).
         max_retries: retries of a retryable failure before ``RetriesExhausted``.
