@@ -561,3 +561,28 @@ async def test_unusable_path_is_a_bad_request_never_sent(path: Any, problem: str
             await pool.request({"prompt": "hi"}, path=path)
     assert info.value.status_code is None
     assert server.requests == []
+
+
+@pytest.mark.anyio
+async def test_request_in_backoff_outside_the_scope_ends_with_it() -> None:
+    """A request from a task outside the scope, sleeping out a 30 s Retry-After when the
+    scope ends, gets ServerClosed at once instead of sleeping on."""
+    outcome: list[BaseException] = []
+
+    async def outside(server: servescope.Server) -> None:
+        fault = {"x-servescope-fault": "status=503,retry-after=30"}
+        try:
+            await server.request({"prompt": "hi"}, headers=fault)
+        except servescope.ServeError as exc:
+            outcome.append(exc)
+
+    config = DummyConfig(retry_after_max=60, backoff_max=60)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as callers:
+            async with open_server(config) as server:
+                await server.wait_ready()
+                callers.start_soon(outside, server)
+                await anyio.sleep(0.5)  # it is sleeping out its Retry-After now
+            ended = anyio.current_time()
+        assert anyio.current_time() - ended < 2
+    assert [type(exc) for exc in outcome] == [servescope.ServerClosed]

@@ -131,6 +131,7 @@ class RequestPool:
         check_open: Callable[[], None],
         rng: random.Random | None = None,
         redact: Redact | None = None,
+        backoff: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self._post = post
         # A configured header that cannot be encoded: every request says so.
@@ -139,6 +140,7 @@ class RequestPool:
         except BadRequest as exc:
             self._headers, self._unsendable = [], str(exc)
         self._redact = redact or _as_is
+        self._backoff = backoff
         self._config = config
         self._base_url = base_url
         self._wait_ready = wait_ready
@@ -206,7 +208,7 @@ class RequestPool:
                     retry_after_cap=config.retry_after_max,
                     rng=self._rng,
                 )
-                await anyio.sleep(delay)
+                await self._backoff(delay)
         except Exception:
             self._metrics.failed += 1
             raise

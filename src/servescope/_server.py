@@ -35,14 +35,14 @@ from ._config import ServerConfig
 from ._dummy_app import DummyApp
 from ._errors import ServeError, ServerClosed, ServerCrashed, ServerError, ServerStartError
 from ._health import HealthWatch, Probe
-from ._http import connect_problem, http_client
+from ._http import connect_problem, fetch_excerpt, http_client, probe_status
 from ._logscan import LineClassifier, LineEvent, LineKind, LineSplitter, PatternTable
 from ._metrics import MetricsSnapshot
 from ._pool import RequestPool
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
 from ._redact import Redactor
-from ._responses import Completion
+from ._responses import Completion, excerpt
 from ._serverlog import ServerLog
 from .backends._base import ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
@@ -87,6 +87,7 @@ class Server:
         #: Set once the server is ready or its scope has ended: waiters outside the scope
         #: (a worker task in the caller's own task group) are never left waiting.
         self._settled = anyio.Event()
+        self._ended = anyio.Event()
         self._failure: ServerError | None = None
         self._closed = False
         self._pool: RequestPool | None = None
@@ -165,6 +166,12 @@ class Server:
         """The scope is over: wake every waiter."""
         self._closed = True
         self._settled.set()
+        self._ended.set()
+
+    async def _backoff(self, seconds: float) -> None:
+        """A retry's backoff: ``seconds``, or less if the scope ends meanwhile."""
+        with anyio.move_on_after(seconds):
+            await self._ended.wait()
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else "starting"
@@ -183,13 +190,14 @@ async def open_server(
     readiness) or ``ServerCrashed`` (after) is raised. On every way out the server's
     whole process tree is terminated (SIGTERM, ``shutdown_grace``, SIGKILL).
     """
+    redact = Redactor(config.secrets())
     log = ServerLog(
         rank=rank,
         node=node,
         log_dir=config.log_dir,
         tail_lines=config.log_tail_lines,
         max_bytes=config.log_max_bytes,
-        redact=Redactor(config.secrets()),
+        redact=redact,
     )
     server = Server(config, rank=rank, node=node, log=log)
     client, post, headers = http_client(config)
@@ -202,6 +210,8 @@ async def open_server(
                 base_url=lambda: server.base_url,
                 wait_ready=server.wait_ready,
                 check_open=server._check_open,
+                redact=redact,
+                backoff=server._backoff,
             )
             supervisor = _Supervisor(server, tg, client)
             await tg.start(supervisor.run)
@@ -358,15 +368,17 @@ class _Supervisor:
 
     async def _endpoint_problem(self, config: EndpointConfig, url: str) -> str | None:
         try:
-            response = await self.client.get(url, timeout=PROBE_TIMEOUT + config.connect_timeout)
+            status, body = await fetch_excerpt(
+                self.client, url, PROBE_TIMEOUT + config.connect_timeout
+            )
         except httpx.HTTPError as exc:
             return connect_problem(url, exc)
-        if response.status_code in (401, 403):
-            return f"{url} rejected the API key ({response.status_code})"
-        if response.status_code == 404:
+        if status in (401, 403):
+            return f"{url} rejected the API key ({status})"
+        if status == 404:
             return f"no OpenAI API at {config.url}: GET /v1/models answered 404"
-        if response.status_code != 200:
-            return f"{url} answered {response.status_code}: {response.text[:200]!r}"
+        if status != 200:
+            return f"{url} answered {status}: {excerpt(body, 200, self.server._log.redact)!r}"
         return None
 
     # -- launched processes ---------------------------------------------------------------
@@ -569,11 +581,7 @@ class _Supervisor:
 
     async def _probe_status(self, path: str, limit: float) -> int | None:
         """The status ``path`` answers, or None if it does not answer within ``limit`` s."""
-        try:
-            response = await self.client.get(self.server.base_url + path, timeout=limit)
-        except httpx.HTTPError:
-            return None
-        return response.status_code
+        return await probe_status(self.client, self.server.base_url + path, limit)
 
 
 def _describe_exit(code: int) -> str:
