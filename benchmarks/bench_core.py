@@ -8,6 +8,11 @@
   ``ServerStartError`` reaches the caller (server torn down).
 * teardown: the body exits → ``open_server`` returns, with a server and a child that
   both ignore SIGTERM (so the whole ``shutdown_grace`` is spent, then SIGKILL).
+* death after ready: a ready custom server prints a ``CUDA out of memory`` traceback →
+  the ``ServerCrashed`` reaches the caller (the 0.25 s settle is in it).
+* hung after ready: a ready server is frozen (SIGSTOP) → the ``ServerCrashed`` ("not
+  answering") reaches the caller, with ``unhealthy_after`` = 2 s: the target is 2 s plus
+  little.
 
 Timestamps cross the process boundary as wall-clock times printed by
 ``servescope.dummy``. Each case runs ``--repeat`` times on asyncio and on trio;
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +39,7 @@ import servescope.dummy
 
 DUMMY = Path(servescope.dummy.__file__)
 GRACE = 1.0
+UNHEALTHY_AFTER = 2.0
 
 
 def config(*args: str, **kwargs: float) -> servescope.CustomConfig:
@@ -77,11 +85,43 @@ async def teardown() -> dict[str, float]:
     return {"teardown_sigterm_ignored": time.perf_counter() - left_body}
 
 
+async def death_after_ready() -> dict[str, float]:
+    lines = ["Traceback (most recent call last):", '  File "server.py", line 1, in run']
+    lines.append("torch.OutOfMemoryError: CUDA out of memory at {time}")
+    prints = [
+        arg for n, text in enumerate(lines) for arg in ("--print", f"{1 + n / 50}:stderr:{text}")
+    ]
+    try:
+        async with servescope.open_server(config(*prints)) as server:
+            await server.wait_ready()
+            await anyio.sleep(30)
+    except servescope.ServerCrashed as exc:
+        printed_at = float((exc.matched_line or "nan").split()[-1])
+        return {"death_line_to_error": time.time() - printed_at}
+    raise RuntimeError("no ServerCrashed")
+
+
+async def hung_after_ready() -> dict[str, float]:
+    settings = {"health_interval": 0.5, "health_timeout": 1.0, "unhealthy_after": UNHEALTHY_AFTER}
+    try:
+        async with servescope.open_server(config(**settings)) as server:
+            await server.wait_ready()
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            frozen_at = time.perf_counter()
+            await anyio.sleep(30)
+    except servescope.ServerCrashed:
+        return {"frozen_to_error": time.perf_counter() - frozen_at}
+    raise RuntimeError("no ServerCrashed")
+
+
 CASES: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
     "with ready line": lambda: readiness(ready_line=True),
     "without ready line": lambda: readiness(ready_line=False),
     "fatal line": fatal_line,
     "teardown": teardown,
+    "death after ready": death_after_ready,
+    "hung after ready": hung_after_ready,
 }
 
 
@@ -112,7 +152,12 @@ def main() -> None:
     for name, stats in results.items():
         spread = f"{stats['min_ms']:.1f}-{stats['max_ms']:.1f}"
         print(f"{name:<70} {stats['median_ms']:>10.1f} {spread:>18}")
-    payload = {"grace_s": GRACE, "repeat": options.repeat, "results": results}
+    payload = {
+        "grace_s": GRACE,
+        "unhealthy_after_s": UNHEALTHY_AFTER,
+        "repeat": options.repeat,
+        "results": results,
+    }
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload))
