@@ -525,3 +525,18 @@ def test_an_empty_port_is_the_default_port() -> None:
     from servescope import EndpointConfig
 
     assert EndpointConfig(model="m", url="http://h:/v1").root_url() == "http://h:"
+
+
+def test_pydantic_entry_points_raise_config_error_too() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^invalid DummyConfig: latency: Input should be a valid"
+    ):
+        DummyConfig.model_validate({"latency": "x", "env": {"HF_TOKEN": "hf_validate"}})
+    with pytest.raises(ConfigError, match=r"^invalid DummyConfig: latency: ") as info:
+        DummyConfig.model_validate_json(
+            '{"latency": "hf_json_secret", "env": {"HF_TOKEN": "hf_json_secret"}}'
+        )
+    assert "hf_json_secret" not in str(info.value)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        DummyConfig.model_validate_json("{" * 10)
+    assert DummyConfig.model_validate({"latency": 1}).latency == 1.0

@@ -15,6 +15,7 @@ server process gets the real values.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound="ServerConfig")
 
 #: The upper bound of timeouts and intervals: ~116 days, past any real start-up.
 MAX_SECONDS = 10**7
@@ -198,8 +200,31 @@ class ServerConfig(BaseModel):
                 raise ConfigError(
                     f"invalid {cls.__name__}: keys must be strings, not {excerpt(key)}"
                 )
-        # Not model_validate: it would wrap the ConfigError of __init__ in a ValidationError.
         return cls(**values)
+
+    @classmethod
+    def model_validate(cls: type[_C], obj: Any, **options: Any) -> _C:
+        """pydantic's entry point, raising ``ConfigError`` like the others."""
+        try:
+            return super().model_validate(obj, **options)
+        except pydantic.ValidationError as exc:
+            # pydantic wraps the ConfigError of __init__ in a "Value error" echoing obj.
+            inner = [error.get("ctx", {}).get("error") for error in exc.errors()]
+            clean = next((error for error in inner if isinstance(error, ConfigError)), None)
+            values = obj if isinstance(obj, Mapping) else None
+            raise clean or config_error(exc, cls, values) from None
+
+    @classmethod
+    def model_validate_json(
+        cls: type[_C], json_data: str | bytes | bytearray, **options: Any
+    ) -> _C:
+        """pydantic's entry point, raising ``ConfigError`` like the others."""
+        try:
+            values = json.loads(json_data)
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ConfigError(f"invalid {cls.__name__}: not valid JSON: {why}") from None
+        return cls.model_validate(values, **options)
 
     def _shown(self, name: str, value: Any) -> Any:
         """Field ``name``'s value as a repr or a dump shows it: secrets masked."""
