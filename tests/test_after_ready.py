@@ -153,14 +153,16 @@ def test_quoted_patterns_are_not_fatal_after_ready() -> None:
         # The cause inside an error record explains; it kills nothing by itself.
         (
             [
-                "(EngineCore pid=1) ERROR 11-23 10:01:13 [core.py:1] torch.OutOfMemoryError: CUDA out of memory"
+                "(EngineCore pid=1) ERROR 11-23 10:01:13 [core.py:1] "
+                "torch.OutOfMemoryError: CUDA out of memory"
             ],
             ["C"],
         ),
         # The same words at INFO, or bare (not vLLM's record): nothing.
         (
             [
-                "(EngineCore pid=1) INFO 11-23 10:01:13 [core.py:1] EngineCore encountered a fatal error."
+                "(EngineCore pid=1) INFO 11-23 10:01:13 [core.py:1] "
+                "EngineCore encountered a fatal error."
             ],
             [None],
         ),
@@ -247,7 +249,8 @@ def quoting_transcript(tmp_path: Path, name: str, quotes: list[str], death: list
 
 VLLM_DEATH = [
     "@stdout",
-    "(EngineCore pid=4312) ERROR 11-23 10:05:13 [core.py:1586] EngineCore encountered a fatal error.",
+    "(EngineCore pid=4312) ERROR 11-23 10:05:13 [core.py:1586] "
+    "EngineCore encountered a fatal error.",
     "(EngineCore pid=4312) ERROR 11-23 10:05:13 [core.py:1586] Traceback (most recent call last):",
     '(EngineCore pid=4312) ERROR 11-23 10:05:13 [core.py:1586]   File "core.py", line 1570',
     "(EngineCore pid=4312) ERROR 11-23 10:05:13 [core.py:1586] torch.OutOfMemoryError: CUDA out "

@@ -429,12 +429,10 @@ async def test_waiters_outside_the_scope_are_woken_when_it_ends(
 async def test_no_file_descriptors_left_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from servescope import _process
-
     def exhausted() -> tuple[socket.socket, socket.socket]:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(_process.socket, "socketpair", exhausted)
+    monkeypatch.setattr("servescope._process.socket.socketpair", exhausted)
     with anyio.fail_after(10), pytest.raises(ServerStartError, match="Too many open files"):
         async with open_server(dummy_process()):
             pass
