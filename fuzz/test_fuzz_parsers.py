@@ -18,11 +18,12 @@ from servescope import ConfigError, RequestError, ServerConfig, load_config
 from servescope._generate import _line, _parse, resume
 from servescope._http import _decode
 from servescope._loadconfig import BACKENDS, read_config_file
-from servescope._logscan import LineSplitter
+from servescope._logscan import LineClassifier, LineKind, LineSplitter
 from servescope._responses import parse_completion, parse_json
 from servescope._retry import parse_retry_after
 from servescope._transport import MAX_BODY, bad_header
 from servescope.backends._base import ProcessConfig
+from servescope.backends.custom import CUSTOM_PATTERNS
 from servescope.backends.endpoint import EndpointConfig
 from servescope.backends.sglang import SGLANG_PATTERNS
 from servescope.backends.vllm import VLLM_PATTERNS, VLLMConfig
@@ -45,6 +46,43 @@ def test_line_splitter(chunks: list[bytes], limit: int) -> None:
     for line in lines:
         VLLM_PATTERNS.classify(line)
         SGLANG_PATTERNS.classify(line)
+
+
+#: Lines shaped like the engines' own records, tracebacks and request logs, mixed.
+log_lines = st.lists(
+    st.one_of(
+        st.text(max_size=120),
+        st.sampled_from(["(APIServer pid=1) ", "(EngineCore pid=2) ", "", "\x1b[31m"]).flatmap(
+            lambda head: st.builds(
+                lambda level, message: f"{head}{level} 11-23 10:00:00 [core.py:1] {message}",
+                st.sampled_from(["INFO", "ERROR", "WARNING", "CRITICAL", "DEBUG"]),
+                st.text(max_size=80),
+            )
+        ),
+        st.builds(lambda m: f"[2026-11-23 10:00:00 TP0] {m}", st.text(max_size=80)),
+        st.sampled_from(
+            [
+                "Traceback (most recent call last):",
+                '  File "x.py", line 1, in f',
+                "torch.OutOfMemoryError: CUDA out of memory",
+                "EngineCore encountered a fatal error.",
+            ]
+        ),
+    ),
+    max_size=30,
+)
+
+
+@given(log_lines, st.booleans())
+def test_line_classifier(lines: list[str], ready: bool) -> None:
+    """Any sequence of lines, before or after readiness: an event or None, never an
+    exception; after readiness a ready line means nothing."""
+    for table in (VLLM_PATTERNS, SGLANG_PATTERNS, CUSTOM_PATTERNS):
+        classifier = LineClassifier(table)
+        for line in lines:
+            event = classifier.classify(line, ready=ready)
+            if ready and event is not None and event.kind is LineKind.READY:
+                raise AssertionError(f"a ready line after readiness: {line!r}")
 
 
 @given(st.binary(max_size=500) | json_values.map(lambda v: json.dumps(v).encode()))

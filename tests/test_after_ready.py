@@ -416,3 +416,27 @@ async def test_slow_but_answering_health_is_not_a_hang() -> None:
                 await anyio.sleep(0.1)
             out = await server.chat([{"role": "user", "content": "still here?"}])
             assert out.text
+
+
+@pytest.mark.parametrize("table", [VLLM_PATTERNS, SGLANG_PATTERNS, CUSTOM_PATTERNS])
+def test_hostile_lines_are_classified_without_backtracking(table: PatternTable) -> None:
+    """Every line a server prints is classified on the event loop: a 64 KiB line built to
+    make a pattern backtrack (it took 1.6 s once) must cost milliseconds, not seconds.
+    The bound is 100 times what it costs here, for a shared machine."""
+    n = 64 * 1024
+    hostile = [
+        "(" + "pid=1 " * (n // 6),
+        "(x pid=1) " * (n // 10),
+        "a." * (n // 2),
+        "A." * (n // 2) + "Error",
+        "\x1b[0;" * (n // 4),
+        "ERROR 11-23 10:00:00 " * (n // 21),
+        "[" + "2026-11-23 10:00:00 " * (n // 20),
+        "Traceback (most recent call last):" * (n // 34),
+    ]
+    classifier = LineClassifier(table)
+    started = time.perf_counter()
+    for line in hostile:
+        for ready in (False, True):
+            classifier.classify(line, ready=ready)
+    assert time.perf_counter() - started < 1.0

@@ -72,8 +72,9 @@ def compile_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: vLLM's (and Ray's) per-process decoration: ``(APIServer pid=4101) ``,
-#: ``(RayWorkerWrapper pid=77, ip=10.0.0.2) ``.
-_DECORATION = re.compile(r"^\([^()]*\bpid=\d+[^()]*\)\s+")
+#: ``(RayWorkerWrapper pid=77, ip=10.0.0.2) ``. Bounded and without nested repetition:
+#: it runs on every line, and a hostile line must not make it backtrack for seconds.
+_DECORATION = re.compile(r"\(([^()]{1,200})\)\s+")
 ERROR_LEVELS = frozenset({"ERROR", "CRITICAL", "FATAL"})
 
 
@@ -97,7 +98,10 @@ class LogFormat:
     def split(self, line: str) -> tuple[bool, str]:
         """``(is_error_record, text)``: whether ``line`` is an error-level record of the
         engine's own logger, and its message (or the bare line if it is no record)."""
-        text = _DECORATION.sub("", _ANSI.sub("", line), count=1)
+        text = _ANSI.sub("", line)
+        decoration = _DECORATION.match(text)
+        if decoration is not None and "pid=" in decoration.group(1):
+            text = text[decoration.end() :]
         match = self.record.match(text) if self.record is not None else None
         if match is None:
             return False, text
