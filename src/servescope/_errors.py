@@ -8,8 +8,10 @@ OS exception, or a pydantic ``ValidationError``::
      ├─ ConfigError            a configuration value is missing, unknown or invalid
      ├─ ServerError            the server itself failed (carries reason and log tail)
      │   ├─ ServerStartError   ... before it became ready (bad model, OOM at load, exit, timeout)
-     │   └─ ServerCrashed      ... after it became ready (death line, exit, hung or dead health)
+     │   ├─ ServerCrashed      ... after it became ready (death line, exit, hung or dead health)
+     │   └─ PoolFailed         every replica of a pool failed for good (each one's reason)
      ├─ ServerClosed           the server's scope has ended; it takes no more requests
+     ├─ ControlError           a pool control signal its state does not allow (stop while running)
      └─ RequestError           one request failed (malformed response, transport failure)
          ├─ BadRequest         the request itself is refused (4xx, or unsendable); never retried
          ├─ RetriesExhausted   a retryable failure persisted through every retry
@@ -27,6 +29,8 @@ from collections.abc import Sequence
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "ControlError",
+    "PoolFailed",
     "RequestError",
     "RequestTimeout",
     "RetriesExhausted",
@@ -83,6 +87,22 @@ class ServerStartError(ServerError):
 
 class ServerCrashed(ServerError):
     """The server failed after it had become ready."""
+
+
+class PoolFailed(ServerError):
+    """Every replica of a pool failed and none can come back (each over its restart
+    budget): the pool's scope is torn down. ``reason`` lists each replica's reason;
+    ``replica_errors`` holds each replica's last ``ServerError``, by replica index.
+    """
+
+    def __init__(self, reason: str, *, replica_errors: Sequence[ServerError] = ()) -> None:
+        self.replica_errors = tuple(replica_errors)
+        super().__init__(reason)
+
+
+class ControlError(ServeError):
+    """A control signal the pool's state does not allow (``stop`` while running,
+    ``resume`` while not paused, anything once stopped): raised, never ignored."""
 
 
 class ServerClosed(ServeError):
