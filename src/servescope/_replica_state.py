@@ -64,7 +64,7 @@ class InvalidTransition(ValueError):
     def __init__(self, state: ReplicaState, event: ReplicaEvent) -> None:
         self.state = state
         self.event = event
-        allowed = ", ".join(e.name for e in _TABLE[state]) or "nothing (it is final)"
+        allowed = ", ".join(e.name for e in _TABLE[state]) or "nothing, it is final"
         super().__init__(
             f"replica event {event.name} is not allowed in state {state.name} "
             f"(allowed there: {allowed})"
