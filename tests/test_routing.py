@@ -480,9 +480,13 @@ def test_prefix_of_huge_payloads_is_cut() -> None:
     assert prefix_of({"prompt": "y" * 10_000_000}) == "y" * PREFIX_CHARS
 
 
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner),
+    _containers,
     max_leaves=30,
 )
 odd_payloads = st.dictionaries(
