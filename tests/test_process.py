@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import servescope
-from servescope import ServerCrashed, ServerStartError, _server, open_server
+from servescope import ServerCrashed, ServerStartError, _supervisor, open_server
 from servescope._ports import pick_port as real_pick
 from servescope._serverlog import log_file_name
 
@@ -218,7 +218,7 @@ async def test_port_taken_is_retried_on_another_port(monkeypatch: pytest.MonkeyP
         calls.append(port)
         return port
 
-    monkeypatch.setattr(_server, "pick_port", pick)
+    monkeypatch.setattr(_supervisor, "pick_port", pick)
     try:
         with anyio.fail_after(20):
             async with open_server(dummy_process()) as server:
@@ -234,7 +234,7 @@ async def test_port_taken_on_every_attempt(monkeypatch: pytest.MonkeyPatch) -> N
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        monkeypatch.setattr(_server, "pick_port", lambda *a, **k: taken.getsockname()[1])
+        monkeypatch.setattr(_supervisor, "pick_port", lambda *a, **k: taken.getsockname()[1])
         with anyio.fail_after(20), pytest.raises(ServerStartError, match="after 2 attempts"):
             async with open_server(dummy_process()) as server:
                 await server.wait_ready()

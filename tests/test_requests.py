@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import servescope
 from servescope import BadRequest, DummyConfig, RequestError, RetriesExhausted, open_server
-from servescope._pool import RequestPool
+from servescope._client import Outcome, RequestClient, Target
 from servescope._redact import MASK, Redactor
 from servescope._responses import classify_status, parse_completion, parse_json
 from servescope._retry import backoff_delay, parse_retry_after, retry_delay
@@ -347,8 +347,29 @@ async def test_request_timeout_is_retried_then_exhausted() -> None:
 # -- against scripted servers ------------------------------------------------------------
 
 
-async def _ready() -> None:
-    pass
+class FixedTarget:
+    """A dispatcher whose every attempt goes to one URL (a raw scripted server)."""
+
+    def __init__(self, url: str) -> None:
+        self.base_url = url
+        self.lost = False
+        self.attempts: set[anyio.CancelScope] = set()
+        self.released: list[Outcome] = []
+
+    async def acquire(self, tried: Sequence[Target]) -> Target:
+        return self
+
+    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+        self.released.append(outcome)
+
+    def check_open(self) -> None:
+        pass
+
+    async def backoff(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+    def waiting(self) -> int:
+        return 0
 
 
 @asynccontextmanager
@@ -358,19 +379,17 @@ async def scripted_pool(
     redact: Callable[[str], str] | None = None,
     headers: dict[str, str] | None = None,
     **config: Any,
-) -> AsyncIterator[tuple[RequestPool, RawServer]]:
+) -> AsyncIterator[tuple[RequestClient, RawServer]]:
     """A request pool over a ``SlotTransport`` to a raw server that answers ``script``."""
     config = {"max_retries": 2, "backoff_base": 0.001, "backoff_max": 0.001, **config}
     async with raw_server(script) as server:
         transport = SlotTransport()
         extra: dict[str, Any] = {} if redact is None else {"redact": redact}
-        pool = RequestPool(
+        pool = RequestClient(
             transport.post,
             DummyConfig(**config),
             headers={"authorization": f"Bearer {KEY}"} if headers is None else headers,
-            base_url=lambda: f"http://127.0.0.1:{server.port}",
-            wait_ready=_ready,
-            check_open=lambda: None,
+            dispatch=FixedTarget(f"http://127.0.0.1:{server.port}"),
             **extra,
         )
         try:
@@ -479,7 +498,7 @@ async def test_api_key_with_a_line_break_is_a_bad_request() -> None:
 )
 async def test_unusable_url_is_a_request_error_not_retried(base_url: str) -> None:
     async with scripted_pool(always(answer(200, b"{}"))) as (pool, _):
-        pool._base_url = lambda: base_url
+        pool._dispatch = FixedTarget(base_url)
         with pytest.raises(RequestError) as info:
             await pool.request({"prompt": "hi"})
     assert type(info.value) is RequestError
@@ -536,13 +555,11 @@ async def test_secrets_echoed_by_the_server_are_redacted(
 
 
 def test_parse_completion_with_the_pools_redaction() -> None:
-    pool = RequestPool(
+    pool = RequestClient(
         SlotTransport().post,
         DummyConfig(),
         headers={},
-        base_url=lambda: "http://127.0.0.1:9",
-        wait_ready=_ready,
-        check_open=lambda: None,
+        dispatch=FixedTarget("http://127.0.0.1:9"),
         redact=Redactor([KEY]),
     )
     with pytest.raises(RequestError, match="no choices") as info:

@@ -37,10 +37,9 @@ from typing import IO, Any, Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._client import CHAT_PATH, COMPLETIONS_PATH
 from ._errors import ConfigError, RequestError
-from ._pool import CHAT_PATH, COMPLETIONS_PATH
 from ._redact import Redactor
-from ._responses import parse_completion
 from ._server import Server
 
 __all__ = [
@@ -399,7 +398,7 @@ async def _worker(
                 record["id_from_line_number"] = True
             payload, path = _payload(job, prompt)
             try:
-                out = parse_completion(await server.request(payload, path=path))
+                out = server.parse_completion(await server.request(payload, path=path))
             except RequestError as exc:  # failed for good; a dead server raises ServerError
                 record["error"] = {"type": type(exc).__name__, "message": job.redact(str(exc))}
                 counts.failed += 1

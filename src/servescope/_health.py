@@ -18,14 +18,20 @@ anything else          answered: alive (a 401 or 404 still comes from a live ser
 
 Misses are counted in time, not in number: a server fails once no probe has been
 answered for ``unhealthy_after`` seconds since the last answer (or readiness).
+
+Before that, a pool takes a replica out of rotation (``healthy`` turns false) after a few
+misses in a row or a few seconds of silence, and back in after a few answers in a row
+(``Demotion``): a hung replica stops getting requests within seconds, and one late probe
+does not flap it.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
-__all__ = ["HealthWatch", "Probe", "judge"]
+__all__ = ["Demotion", "HealthWatch", "Probe", "judge"]
 
 #: The shortest time a probe is given, however close the deadline.
 MIN_PROBE_TIMEOUT = 0.05
@@ -48,6 +54,17 @@ def judge(status: int | None, dead_status: int | None) -> Probe:
     return Probe.MISSED if status >= 500 else Probe.ANSWERED
 
 
+@dataclass(frozen=True)
+class Demotion:
+    """When a ready server is taken out of a pool's rotation, and put back: after
+    ``misses`` probes missed in a row or ``after`` seconds without an answer; back after
+    ``promote`` probes answered in a row."""
+
+    misses: int = 3
+    after: float = math.inf
+    promote: int = 2
+
+
 @dataclass
 class HealthWatch:
     """The health of one ready server, from its probes' outcomes over time.
@@ -57,24 +74,33 @@ class HealthWatch:
         timeout: the longest a single probe may take.
         dead_status: the status that means the engine died (``None``: none does).
         last_answer: when a probe was last answered (at first: when it became ready).
-        misses: probes missed since then; ``last_status``: the last status seen.
+        demotion: when ``healthy`` turns false, and true again.
+        misses / answers: probes missed / answered in a row; ``last_status``: the last seen.
     """
 
     unhealthy_after: float
     timeout: float
     dead_status: int | None
     last_answer: float
+    demotion: Demotion = Demotion()
     misses: int = 0
+    answers: int = 0
+    healthy: bool = True
     last_status: int | None = None
 
     def record(self, status: int | None, now: float) -> Probe:
-        """Take one probe's outcome; what it was."""
+        """Take one probe's outcome; what it was (``healthy`` follows, with hysteresis)."""
         outcome = judge(status, self.dead_status)
         self.last_status = status
         if outcome is Probe.ANSWERED:
-            self.last_answer, self.misses = now, 0
+            self.last_answer, self.misses, self.answers = now, 0, self.answers + 1
+            if not self.healthy and self.answers >= self.demotion.promote:
+                self.healthy = True
         else:
-            self.misses += 1
+            self.misses, self.answers = self.misses + 1, 0
+            silent = now - self.last_answer
+            if self.misses >= self.demotion.misses or silent >= self.demotion.after:
+                self.healthy = False
         return outcome
 
     def silent_for(self, now: float) -> float | None:
@@ -83,8 +109,12 @@ class HealthWatch:
         return silent if silent >= self.unhealthy_after else None
 
     def probe_timeout(self, now: float) -> float:
-        """The next probe's time limit: never past the moment the server counts as hung."""
-        left = self.last_answer + self.unhealthy_after - now
+        """The next probe's time limit: never past the moment the server counts as hung
+        (nor, while it is healthy, past the moment it is demoted)."""
+        until = self.unhealthy_after
+        if self.healthy:
+            until = min(until, self.demotion.after)
+        left = self.last_answer + until - now
         return max(MIN_PROBE_TIMEOUT, min(self.timeout, left))
 
     def describe(self, path: str, silent: float) -> str:

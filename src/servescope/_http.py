@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import httpx
 
+from ._client import Post
 from ._config import ServerConfig
 from ._errors import ConfigError
-from ._pool import Post
 from ._transport import MAX_BODY, Reply, SlotTransport, bad_header
 from .backends.endpoint import EndpointConfig
 

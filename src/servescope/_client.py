@@ -1,8 +1,13 @@
-"""The request pool: concurrency slots, retries with jittered backoff, error classes.
+"""The request client: where each attempt goes, retries with jittered backoff, errors.
 
-A request holds one of ``max_concurrency`` slots (an anyio ``CapacityLimiter``) only
-while it is on the wire: the backoff sleep before a retry happens *without* a slot,
-so a server answering 503 does not starve every other request of slots.
+Each attempt asks a ``Dispatcher`` for a ``Target`` — the one server of ``open_server``,
+a replica a pool's routing picks — and hands it back with the attempt's ``Outcome``,
+exactly once, on every way out (success, error, cancellation): a dispatcher's load
+counters and concurrency slots cannot drift. An attempt holds a slot only while it is
+on the wire: the backoff sleep before a retry happens *without* one, so a server
+answering 503 does not starve every other request of slots. A target that fails while
+an attempt is on it cancels the attempt at once (``Target.attempts``); the request is
+then sent again without a backoff (to another replica, or it fails with the error).
 
 Classification (see ``_responses`` for statuses): connection errors, timeouts and
 408/429/500/502/503/504 are retried up to ``max_retries`` times, then
@@ -19,10 +24,11 @@ and everything quoted from a server passes through ``redact`` first.
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,7 +49,7 @@ from ._responses import (
 from ._retry import parse_retry_after, retry_delay
 from ._transport import Reply, bad_header
 
-__all__ = ["Post", "RequestPool"]
+__all__ = ["Dispatcher", "Outcome", "Post", "RequestClient", "Target"]
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -57,12 +63,69 @@ class Post(Protocol):
     ) -> Awaitable[Reply]: ...
 
 
+class Outcome(enum.Enum):
+    """How an attempt on a target ended, as its dispatcher learns it."""
+
+    ANSWERED = "answered"  # the server answered as it meant to (2xx, a 4xx about the request)
+    FAILED = "failed"  # a retryable failure: a 5xx, a broken or missing answer
+    THROTTLED = "throttled"  # 429: the server asked for a pause (``retry_after``)
+    LOST = "lost"  # the target failed while the attempt was on it
+    ABANDONED = "abandoned"  # nothing learnt: cancelled by the caller, never sent
+
+
+class Target(Protocol):
+    """Where an attempt goes: a server's address, and the attempts on the wire to it
+    (which it cancels if it fails)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def lost(self) -> bool: ...
+
+    attempts: set[anyio.CancelScope]
+
+
+class Dispatcher(Protocol):
+    """Gives each attempt a target and takes it back."""
+
+    async def acquire(self, tried: Sequence[Target]) -> Target:
+        """A target for the next attempt (``tried``: those this request already tried);
+        waits until one can take it; raises the scope's error once none ever will."""
+        ...
+
+    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+        """``target`` back, after one attempt on it (called once per ``acquire``)."""
+        ...
+
+    def check_open(self) -> None:
+        """Raise the scope's error (or ``ServerClosed``) if it takes no more requests."""
+        ...
+
+    async def backoff(self, seconds: float) -> None:
+        """Sleep before a retry: ``seconds``, or less if the scope ends meanwhile."""
+        ...
+
+    def waiting(self) -> int:
+        """Requests waiting for a target now."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Retry:
     """A failed attempt that may be retried."""
 
     error: RequestError
     retry_after: float | None = None
+    outcome: Outcome = Outcome.FAILED
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """An attempt whose error no retry can help: raised once the target is back."""
+
+    error: RequestError
+    outcome: Outcome = Outcome.ANSWERED
 
 
 def encode_payload(payload: Mapping[str, Any]) -> bytes:
@@ -110,14 +173,14 @@ def _as_is(text: str) -> str:
     return text
 
 
-class RequestPool:
-    """Posts OpenAI requests to one server over keep-alive connections (``post``).
+class RequestClient:
+    """Posts OpenAI requests over keep-alive connections (``post``), each attempt to the
+    target its ``dispatch`` gives it.
 
-    ``base_url``, ``wait_ready`` and ``check_open`` come from the server scope:
-    requests wait for readiness by themselves, see the current address after a
-    restart, and fail fast with the server's own error once the scope has failed.
-    ``redact`` (the scope's ``Redactor``) blanks secrets out of every error message
-    built from what a server sent: a server may quote the API key back.
+    Requests wait for a target by themselves, see its current address, and fail fast
+    with the scope's own error once it has failed. ``redact`` (the scope's ``Redactor``)
+    blanks secrets out of every error message built from what a server sent: a server
+    may quote the API key back.
     """
 
     def __init__(
@@ -126,12 +189,9 @@ class RequestPool:
         config: ServerConfig,
         *,
         headers: Mapping[str, str],
-        base_url: Callable[[], str],
-        wait_ready: Callable[[], Awaitable[None]],
-        check_open: Callable[[], None],
+        dispatch: Dispatcher,
         rng: random.Random | None = None,
         redact: Redact | None = None,
-        backoff: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self._post = post
         # A configured header that cannot be encoded: every request says so.
@@ -140,19 +200,15 @@ class RequestPool:
         except BadRequest as exc:
             self._headers, self._unsendable = [], str(exc)
         self._redact = redact or _as_is
-        self._backoff = backoff
         self._config = config
-        self._base_url = base_url
-        self._wait_ready = wait_ready
-        self._check_open = check_open
+        self._dispatch = dispatch
         self._rng = rng or random.Random()
-        self._limiter = anyio.CapacityLimiter(config.max_concurrency)
         self._metrics = Metrics()
 
     @property
     def metrics(self) -> MetricsSnapshot:
-        """A snapshot of this pool's request metrics."""
-        return self._metrics.snapshot(waiting=self._limiter.statistics().tasks_waiting)
+        """A snapshot of this client's request metrics."""
+        return self._metrics.snapshot(waiting=self._dispatch.waiting())
 
     async def request(
         self,
@@ -174,41 +230,48 @@ class RequestPool:
                 f"the request cannot be sent: its path must be a str, not {type(path).__name__}"
             )
             raise BadRequest(message, status_code=None)
-        self._check_open()
+        dispatch = self._dispatch
+        dispatch.check_open()
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
             config, started = self._config, None
             wire_headers = self._wire_headers(headers)
+            tried: list[Target] = []
             for retry in range(config.max_retries + 1):
-                await self._wait_ready()
-                self._check_open()
+                target = await dispatch.acquire(tried)
                 started = started or time.monotonic()
-                async with self._limiter:
-                    self._metrics.in_flight += 1
-                    try:
-                        outcome = await self._attempt(path, data, wire_headers)
-                    finally:
-                        self._metrics.in_flight -= 1
-                if not isinstance(outcome, _Retry):
-                    usage = usage_of(outcome)
+                result: dict[str, Any] | _Retry | _Refused | None = None
+                self._metrics.in_flight += 1
+                try:
+                    result = await self._attempt(target, path, data, wire_headers)
+                finally:
+                    self._metrics.in_flight -= 1
+                    _release(dispatch, target, result)
+                if isinstance(result, _Refused):
+                    raise result.error
+                if not isinstance(result, _Retry):
+                    usage = usage_of(result)
                     latency = time.monotonic() - started
                     self._metrics.success(latency, usage.prompt_tokens, usage.completion_tokens)
-                    return outcome
+                    return result
                 if retry == config.max_retries:
                     attempts = config.max_retries + 1
                     raise RetriesExhausted(
-                        f"{path} failed {attempts} times; last: {outcome.error}"
-                    ) from outcome.error
+                        f"{path} failed {attempts} times; last: {result.error}"
+                    ) from result.error
                 self._metrics.retried += 1
+                tried.append(target)
+                if result.outcome is Outcome.LOST:
+                    continue  # its target is gone: send it again at once
                 delay = retry_delay(
                     retry,
-                    outcome.retry_after,
+                    result.retry_after,
                     base=config.backoff_base,
                     cap=config.backoff_max,
                     retry_after_cap=config.retry_after_max,
                     rng=self._rng,
                 )
-                await self._backoff(delay)
+                await dispatch.backoff(delay)
         except Exception:
             self._metrics.failed += 1
             raise
@@ -238,32 +301,70 @@ class RequestPool:
         return [item for item in self._headers if item[0] not in extra] + list(extra.items())
 
     async def _attempt(
-        self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> dict[str, Any] | _Retry:
+        self, target: Target, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> dict[str, Any] | _Retry | _Refused:
         limit, redact = self._config.request_timeout, self._redact
         reply = None
+        # A bare CancelScope, not fail_after: lighter per request held in flight. The
+        # target cancels it if it fails meanwhile.
+        scope = anyio.CancelScope(deadline=anyio.current_time() + limit)
+        target.attempts.add(scope)
         try:
-            # A bare CancelScope, not fail_after: lighter per request held in flight.
-            with anyio.CancelScope(deadline=anyio.current_time() + limit):
-                reply = await self._post(self._base_url() + path, body, headers)
+            with scope:
+                reply = await self._post(target.base_url + path, body, headers)
         except httpx.TimeoutException as exc:
-            return _Retry(RequestTimeout(redact(f"no answer from {path} in time ({exc})")))
+            return _lost(target) or _Retry(
+                RequestTimeout(redact(f"no answer from {path} in time ({exc})"))
+            )
         except httpx.LocalProtocolError as exc:
             # Not chained: httpcore's message (the proxied path) quotes the bad header's value.
             problem = redact(bad_header(headers) or str(exc))
-            raise BadRequest(f"{path} cannot be sent: {problem}", status_code=None) from None
+            message = f"{path} cannot be sent: {problem}"
+            return _Refused(BadRequest(message, status_code=None), Outcome.ABANDONED)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             # Not chained: the cause would repeat the URL, unredacted.
-            raise RequestError(redact(f"{path}: {exc}")) from None
+            return _Refused(RequestError(redact(f"{path}: {exc}")), Outcome.ABANDONED)
         except httpx.TransportError as exc:  # h11's message may quote what the server sent
-            return _Retry(RequestError(redact(f"{path}: {type(exc).__name__}: {exc}")))
+            return _lost(target) or _Retry(
+                RequestError(redact(f"{path}: {type(exc).__name__}: {exc}"))
+            )
+        finally:
+            target.attempts.discard(scope)
         if reply is None:
-            return _Retry(RequestTimeout(f"no complete answer from {path} within {limit:g} s"))
+            return _lost(target) or _Retry(
+                RequestTimeout(f"no complete answer from {path} within {limit:g} s")
+            )
         error = classify_status(reply.status, reply.content, redact)
         if error is not None:
-            raise error
+            return _Refused(error)
         if reply.status >= 300:
             retry_after = parse_retry_after(reply.header(b"retry-after"))
             message = f"server answered {reply.status} to {path}"
-            return _Retry(RequestError(message), retry_after)
-        return parse_json(reply.content, redact)
+            outcome = Outcome.THROTTLED if reply.status == 429 else Outcome.FAILED
+            return _Retry(RequestError(message), retry_after, outcome)
+        try:
+            return parse_json(reply.content, redact)
+        except RequestError as exc:
+            return _Refused(exc)
+
+
+def _lost(target: Target) -> _Retry | None:
+    """The retry for an attempt whose target failed under it, if it did."""
+    if not target.lost:
+        return None
+    error = RequestError("the server failed (or stopped answering) while the request was on it")
+    return _Retry(error, None, Outcome.LOST)
+
+
+def _release(
+    dispatch: Dispatcher, target: Target, result: dict[str, Any] | _Retry | _Refused | None
+) -> None:
+    """Give ``target`` back with what the attempt on it taught (``None``: cancelled)."""
+    if result is None:
+        dispatch.release(target, Outcome.ABANDONED, None)
+    elif isinstance(result, _Retry):
+        dispatch.release(target, result.outcome, result.retry_after)
+    elif isinstance(result, _Refused):
+        dispatch.release(target, result.outcome, None)
+    else:
+        dispatch.release(target, Outcome.ANSWERED, None)
