@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import servescope
 from servescope import BadRequest, DummyConfig, RequestError, RetriesExhausted, open_server
-from servescope._client import Outcome, RequestClient, Target
+from servescope._client import Outcome, RequestClient, Target, Wire
 from servescope._redact import MASK, Redactor
 from servescope._responses import classify_status, parse_completion, parse_json
 from servescope._retry import backoff_delay, parse_retry_after, retry_delay
@@ -350,13 +350,17 @@ async def test_request_timeout_is_retried_then_exhausted() -> None:
 class FixedTarget:
     """A dispatcher whose every attempt goes to one URL (a raw scripted server)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, wire: Wire) -> None:
         self.base_url = url
+        self.wire = wire
         self.lost = False
         self.attempts: set[anyio.CancelScope] = set()
         self.released: list[Outcome] = []
 
-    async def acquire(self, tried: Sequence[Target]) -> Target:
+    def route(self, payload: Mapping[str, Any], routing_key: str | None) -> None:
+        return None
+
+    async def acquire(self, tried: Sequence[Target], route: object) -> Target:
         return self
 
     def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
@@ -385,11 +389,12 @@ async def scripted_pool(
     async with raw_server(script) as server:
         transport = SlotTransport()
         extra: dict[str, Any] = {} if redact is None else {"redact": redact}
+        wire = Wire.build(
+            transport.post, {"authorization": f"Bearer {KEY}"} if headers is None else headers
+        )
         pool = RequestClient(
-            transport.post,
             DummyConfig(**config),
-            headers={"authorization": f"Bearer {KEY}"} if headers is None else headers,
-            dispatch=FixedTarget(f"http://127.0.0.1:{server.port}"),
+            dispatch=FixedTarget(f"http://127.0.0.1:{server.port}", wire),
             **extra,
         )
         try:
@@ -498,7 +503,7 @@ async def test_api_key_with_a_line_break_is_a_bad_request() -> None:
 )
 async def test_unusable_url_is_a_request_error_not_retried(base_url: str) -> None:
     async with scripted_pool(always(answer(200, b"{}"))) as (pool, _):
-        pool._dispatch = FixedTarget(base_url)
+        pool._dispatch = FixedTarget(base_url, pool._dispatch.wire)  # type: ignore[attr-defined]
         with pytest.raises(RequestError) as info:
             await pool.request({"prompt": "hi"})
     assert type(info.value) is RequestError
@@ -556,10 +561,8 @@ async def test_secrets_echoed_by_the_server_are_redacted(
 
 def test_parse_completion_with_the_pools_redaction() -> None:
     pool = RequestClient(
-        SlotTransport().post,
         DummyConfig(),
-        headers={},
-        dispatch=FixedTarget("http://127.0.0.1:9"),
+        dispatch=FixedTarget("http://127.0.0.1:9", Wire.build(SlotTransport().post, {})),
         redact=Redactor([KEY]),
     )
     with pytest.raises(RequestError, match="no choices") as info:

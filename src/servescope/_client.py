@@ -73,23 +73,59 @@ class Outcome(enum.Enum):
     ABANDONED = "abandoned"  # nothing learnt: cancelled by the caller, never sent
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How requests reach one server: the function that posts, and the headers every
+    request carries (its API key). A configured header that cannot be encoded makes
+    every request a ``BadRequest`` saying so (``unsendable``)."""
+
+    post: Post
+    headers: list[tuple[bytes, bytes]]
+    unsendable: str = ""
+
+    @classmethod
+    def build(cls, post: Post, headers: Mapping[str, str]) -> Wire:
+        """A wire for ``post`` with ``headers`` encoded once."""
+        try:
+            return cls(post, encode_headers(headers))
+        except BadRequest as exc:
+            return cls(post, [], str(exc))
+
+    def headers_with(self, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Its headers with a caller's ``extra`` ones on top."""
+        if self.unsendable:
+            raise BadRequest(self.unsendable, status_code=None)
+        if not extra:
+            return self.headers
+        names = {name for name, _ in extra}
+        return [item for item in self.headers if item[0] not in names] + extra
+
+
 class Target(Protocol):
-    """Where an attempt goes: a server's address, and the attempts on the wire to it
-    (which it cancels if it fails)."""
+    """Where an attempt goes: a server's address and wire, and the attempts on the wire
+    to it (which it cancels if it fails)."""
 
     @property
     def base_url(self) -> str: ...
 
     @property
+    def wire(self) -> Wire: ...
+
+    @property
     def lost(self) -> bool: ...
 
-    attempts: set[anyio.CancelScope]
+    @property
+    def attempts(self) -> set[anyio.CancelScope]: ...
 
 
 class Dispatcher(Protocol):
     """Gives each attempt a target and takes it back."""
 
-    async def acquire(self, tried: Sequence[Target]) -> Target:
+    def route(self, payload: Mapping[str, Any], routing_key: str | None) -> Any:
+        """What ``acquire`` needs to know of a request to route it (once per request)."""
+        ...
+
+    async def acquire(self, tried: Sequence[Target], route: Any) -> Target:
         """A target for the next attempt (``tried``: those this request already tried);
         waits until one can take it; raises the scope's error once none ever will."""
         ...
@@ -185,20 +221,12 @@ class RequestClient:
 
     def __init__(
         self,
-        post: Post,
         config: ServerConfig,
         *,
-        headers: Mapping[str, str],
         dispatch: Dispatcher,
         rng: random.Random | None = None,
         redact: Redact | None = None,
     ) -> None:
-        self._post = post
-        # A configured header that cannot be encoded: every request says so.
-        try:
-            self._headers, self._unsendable = encode_headers(headers), ""
-        except BadRequest as exc:
-            self._headers, self._unsendable = [], str(exc)
         self._redact = redact or _as_is
         self._config = config
         self._dispatch = dispatch
@@ -216,8 +244,12 @@ class RequestClient:
         *,
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
+        routing_key: str | None = None,
     ) -> dict[str, Any]:
-        """POST ``payload`` (model and default params filled in); the JSON answer."""
+        """POST ``payload`` (model and default params filled in); the JSON answer.
+
+        ``routing_key``: a pool's ``sticky`` routing sends requests with one key to one
+        replica while it serves."""
         if not isinstance(payload, Mapping):
             message = f"the request payload is not a mapping: a {type(payload).__name__}"
             raise BadRequest(message, status_code=None)
@@ -235,15 +267,16 @@ class RequestClient:
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
             config, started = self._config, None
-            wire_headers = self._wire_headers(headers)
+            extra = encode_headers(headers) if headers else []
+            route = dispatch.route(payload, routing_key)
             tried: list[Target] = []
             for retry in range(config.max_retries + 1):
-                target = await dispatch.acquire(tried)
+                target = await dispatch.acquire(tried, route)
                 started = started or time.monotonic()
                 result: dict[str, Any] | _Retry | _Refused | None = None
                 self._metrics.in_flight += 1
                 try:
-                    result = await self._attempt(target, path, data, wire_headers)
+                    result = await self._attempt(target, path, data, extra)
                 finally:
                     self._metrics.in_flight -= 1
                     _release(dispatch, target, result)
@@ -277,41 +310,42 @@ class RequestClient:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
+    async def chat(
+        self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
+    ) -> Completion:
         """A chat completion for ``messages``."""
-        response = await self.request({"messages": messages, **params}, path=CHAT_PATH)
+        payload = {"messages": messages, **params}
+        response = await self.request(payload, path=CHAT_PATH, routing_key=routing_key)
         return self.parse_completion(response)
 
-    async def complete(self, prompt: str, **params: Any) -> Completion:
+    async def complete(
+        self, prompt: str, *, routing_key: str | None = None, **params: Any
+    ) -> Completion:
         """A text completion of ``prompt``."""
-        response = await self.request({"prompt": prompt, **params}, path=COMPLETIONS_PATH)
+        payload = {"prompt": prompt, **params}
+        response = await self.request(payload, path=COMPLETIONS_PATH, routing_key=routing_key)
         return self.parse_completion(response)
 
     def parse_completion(self, response: dict[str, Any]) -> Completion:
         """``parse_completion`` with this pool's secrets kept out of its errors."""
         return parse_completion(response, self._redact)
 
-    def _wire_headers(self, headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
-        """The pool's headers with the caller's on top (once per request, not per attempt)."""
-        if self._unsendable:
-            raise BadRequest(self._unsendable, status_code=None)
-        if not headers:
-            return self._headers
-        extra = dict(encode_headers(headers))
-        return [item for item in self._headers if item[0] not in extra] + list(extra.items())
-
     async def _attempt(
-        self, target: Target, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+        self, target: Target, path: str, body: bytes, extra: list[tuple[bytes, bytes]]
     ) -> dict[str, Any] | _Retry | _Refused:
         limit, redact = self._config.request_timeout, self._redact
         reply = None
+        try:
+            headers = target.wire.headers_with(extra)
+        except BadRequest as exc:
+            return _Refused(exc, Outcome.ABANDONED)
         # A bare CancelScope, not fail_after: lighter per request held in flight. The
         # target cancels it if it fails meanwhile.
         scope = anyio.CancelScope(deadline=anyio.current_time() + limit)
         target.attempts.add(scope)
         try:
             with scope:
-                reply = await self._post(target.base_url + path, body, headers)
+                reply = await target.wire.post(target.base_url + path, body, headers)
         except httpx.TimeoutException as exc:
             return _lost(target) or _Retry(
                 RequestTimeout(redact(f"no answer from {path} in time ({exc})"))

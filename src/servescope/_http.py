@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import httpx
 
-from ._client import Post
+from ._client import Post, Wire
 from ._config import ServerConfig
 from ._errors import ConfigError
 from ._transport import MAX_BODY, Reply, SlotTransport, bad_header
@@ -45,8 +45,8 @@ def _ssl_context(verify: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
     return httpx.create_ssl_context(verify)
 
 
-def http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[str, str]]:
-    """The httpx client (probes, checks), how the pool posts, and the headers it adds.
+def http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Wire]:
+    """The httpx client (probes, checks), and how requests reach the server (``Wire``).
 
     Normally both go over one ``SlotTransport``. An endpoint reached through a proxy from
     the environment uses httpx's own transport, which is what speaks to proxies.
@@ -67,14 +67,14 @@ def http_client(config: ServerConfig) -> tuple[httpx.AsyncClient, Post, Mapping[
             )
             raise ConfigError(message) from None
         client.headers["accept-encoding"] = "identity"
-        return client, _client_post(client), {}
+        return client, Wire.build(_client_post(client), {})
     transport = SlotTransport(
         ssl_context=_ssl_context(options.pop("verify", None)),
         connect_timeout=config.connect_timeout,
     )
     client = httpx.AsyncClient(transport=transport, timeout=timeout, **options)
     client.headers["accept-encoding"] = "identity"
-    return client, transport.post, headers
+    return client, Wire.build(transport.post, headers)
 
 
 def _proxied(config: ServerConfig, options: Mapping[str, Any]) -> bool:

@@ -140,7 +140,10 @@ class _OneServer:
         self._state = state
         self._limiter = anyio.CapacityLimiter(state.config.max_concurrency)
 
-    async def acquire(self, tried: Sequence[Target]) -> Target:
+    def route(self, payload: Mapping[str, Any], routing_key: str | None) -> None:
+        return None
+
+    async def acquire(self, tried: Sequence[Target], route: object) -> Target:
         await self._state.wait_ready()
         await self._limiter.acquire()
         try:
@@ -175,13 +178,13 @@ async def open_server(
     readiness) or ``ServerCrashed`` (after) is raised. On every way out the server's
     whole process tree is terminated (SIGTERM, ``shutdown_grace``, SIGKILL).
     """
-    state = ServerState.create(config, rank=rank, node=node)
+    http, wire = http_client(config)
+    state = ServerState.create(config, wire, rank=rank, node=node)
     server = Server(state)
-    http, post, headers = http_client(config)
     try:
         async with http, anyio.create_task_group() as tg:
             server._client = RequestClient(
-                post, config, headers=headers, dispatch=_OneServer(state), redact=state.log.redact
+                config, dispatch=_OneServer(state), redact=state.log.redact
             )
             supervisor = Supervisor(state, tg, http)
             await tg.start(supervisor.run)

@@ -33,6 +33,7 @@ import httpx
 from anyio.abc import ByteReceiveStream, TaskGroup, TaskStatus
 
 from ._asgi import listen_socket, serve_asgi
+from ._client import Wire
 from ._compile_lock import CompileLock
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
@@ -79,6 +80,7 @@ class ServerState:
     def __init__(
         self,
         config: ServerConfig,
+        wire: Wire,
         *,
         rank: int,
         node: int,
@@ -103,6 +105,7 @@ class ServerState:
         self.closed = False
         self.healthy = True
         self.attempts: set[anyio.CancelScope] = set()
+        self.wire = wire  # how requests reach it
         self.on_change: Callable[[ServerState], None] | None = None
         self.dummy_app: DummyApp | None = None  # the in-process dummy, for tests
 
@@ -110,6 +113,7 @@ class ServerState:
     def create(
         cls,
         config: ServerConfig,
+        wire: Wire,
         *,
         rank: int = 0,
         node: int = 0,
@@ -125,7 +129,7 @@ class ServerState:
             max_bytes=config.log_max_bytes,
             redact=Redactor(config.secrets()),
         )
-        return cls(config, rank=rank, node=node, log=log, demotion=demotion, env=env)
+        return cls(config, wire, rank=rank, node=node, log=log, demotion=demotion, env=env)
 
     @property
     def base_url(self) -> str:
