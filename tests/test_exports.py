@@ -12,6 +12,11 @@ EXPECTED = {
     "MetricsSnapshot",
     "Completion",
     "ConfigError",
+    "ControlError",
+    "Pool",
+    "PoolConfig",
+    "PoolFailed",
+    "ReplicaInfo",
     "CustomConfig",
     "DummyConfig",
     "RequestError",
@@ -28,6 +33,8 @@ EXPECTED = {
     "Usage",
     "VLLMConfig",
     "load_config",
+    "load_pool_config",
+    "open_pool",
     "open_server",
 }
 

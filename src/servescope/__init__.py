@@ -1,12 +1,15 @@
 """servescope: launch, supervise and talk to LLM inference servers.
 
 One ``async with open_server(config) as server`` holds a server's whole life — its
-process tree, log scanners, readiness probe and requests — under asyncio or trio.
+process tree, log scanners, readiness probe and requests — under asyncio or trio;
+``async with open_pool(config, replicas=4) as pool`` holds many, routed among.
 """
 
 from ._config import ServerConfig as ServerConfig
 from ._errors import BadRequest as BadRequest
 from ._errors import ConfigError as ConfigError
+from ._errors import ControlError as ControlError
+from ._errors import PoolFailed as PoolFailed
 from ._errors import RequestError as RequestError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import RetriesExhausted as RetriesExhausted
@@ -16,7 +19,12 @@ from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError
 from ._loadconfig import load_config as load_config
+from ._loadconfig import load_pool_config as load_pool_config
 from ._metrics import MetricsSnapshot as MetricsSnapshot
+from ._pool import Pool as Pool
+from ._pool import open_pool as open_pool
+from ._poolconfig import PoolConfig as PoolConfig
+from ._replica import ReplicaInfo as ReplicaInfo
 from ._responses import Completion as Completion
 from ._responses import Usage as Usage
 from ._server import Server as Server

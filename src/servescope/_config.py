@@ -47,13 +47,14 @@ __all__ = [
     "Number",
     "PathText",
     "ServerConfig",
+    "Settings",
     "Text",
     "config_error",
     "excerpt",
 ]
 
 _T = TypeVar("_T")
-_C = TypeVar("_C", bound="ServerConfig")
+_C = TypeVar("_C", bound="Settings")
 
 #: The upper bound of timeouts and intervals: ~116 days, past any real start-up.
 MAX_SECONDS = 10**7
@@ -86,7 +87,58 @@ Text = Annotated[str, AfterValidator(_no_nul)]
 PathText = Annotated[Path, AfterValidator(_no_nul)]
 
 
-class ServerConfig(BaseModel):
+class Settings(BaseModel):
+    """A frozen settings model whose every way in (the constructor, ``build``, pydantic's
+    ``model_validate``) raises one clean ``ConfigError``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    if not TYPE_CHECKING:  # keep the pydantic plugin's typed signature for mypy
+
+        def __init__(self, /, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except pydantic.ValidationError as exc:
+                raise config_error(exc, type(self), values) from None
+
+    @classmethod
+    def build(cls: type[_C], values: Mapping[str, Any]) -> _C:
+        """Validate a mapping into this config, raising ``ConfigError`` on bad input."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"invalid {cls.__name__}: expected a mapping, not {excerpt(values)}")
+        for key in values:
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"invalid {cls.__name__}: keys must be strings, not {excerpt(key)}"
+                )
+        return cls(**values)
+
+    @classmethod
+    def model_validate(cls: type[_C], obj: Any, **options: Any) -> _C:
+        """pydantic's entry point, raising ``ConfigError`` like the others."""
+        try:
+            return super().model_validate(obj, **options)
+        except pydantic.ValidationError as exc:
+            # pydantic wraps the ConfigError of __init__ in a "Value error" echoing obj.
+            inner = [error.get("ctx", {}).get("error") for error in exc.errors()]
+            clean = next((error for error in inner if isinstance(error, ConfigError)), None)
+            values = obj if isinstance(obj, Mapping) else None
+            raise clean or config_error(exc, cls, values) from None
+
+    @classmethod
+    def model_validate_json(
+        cls: type[_C], json_data: str | bytes | bytearray, **options: Any
+    ) -> _C:
+        """pydantic's entry point, raising ``ConfigError`` like the others."""
+        try:
+            values = json.loads(json_data)
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ConfigError(f"invalid {cls.__name__}: not valid JSON: {why}") from None
+        return cls.model_validate(values, **options)
+
+
+class ServerConfig(Settings):
     """Settings every backend understands.
 
     Attributes:
@@ -116,8 +168,6 @@ class ServerConfig(BaseModel):
             the scope fails with ``ServerCrashed``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     model: Text
     startup_timeout: Number = Field(default=900.0, gt=0, le=MAX_SECONDS)
     start_attempts: Integer = Field(default=2, ge=1, le=1_000)
@@ -140,14 +190,6 @@ class ServerConfig(BaseModel):
     health_interval: Number | None = Field(default=1.0, gt=0, le=MAX_SECONDS)
     health_timeout: Number = Field(default=10.0, gt=0, le=MAX_SECONDS)
     unhealthy_after: Number = Field(default=30.0, gt=0, le=MAX_SECONDS)
-
-    if not TYPE_CHECKING:  # keep the pydantic plugin's typed signature for mypy
-
-        def __init__(self, /, **values: Any) -> None:
-            try:
-                super().__init__(**values)
-            except pydantic.ValidationError as exc:
-                raise config_error(exc, type(self), values) from None
 
     @field_validator("ready_patterns", "fatal_patterns")
     @classmethod
@@ -189,42 +231,6 @@ class ServerConfig(BaseModel):
     def client_options(self) -> dict[str, Any]:
         """httpx client settings: a local server is reached directly, never via a proxy."""
         return {"trust_env": False}
-
-    @classmethod
-    def build(cls, values: Mapping[str, Any]) -> ServerConfig:
-        """Validate a mapping into this config, raising ``ConfigError`` on bad input."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"invalid {cls.__name__}: expected a mapping, not {excerpt(values)}")
-        for key in values:
-            if not isinstance(key, str):
-                raise ConfigError(
-                    f"invalid {cls.__name__}: keys must be strings, not {excerpt(key)}"
-                )
-        return cls(**values)
-
-    @classmethod
-    def model_validate(cls: type[_C], obj: Any, **options: Any) -> _C:
-        """pydantic's entry point, raising ``ConfigError`` like the others."""
-        try:
-            return super().model_validate(obj, **options)
-        except pydantic.ValidationError as exc:
-            # pydantic wraps the ConfigError of __init__ in a "Value error" echoing obj.
-            inner = [error.get("ctx", {}).get("error") for error in exc.errors()]
-            clean = next((error for error in inner if isinstance(error, ConfigError)), None)
-            values = obj if isinstance(obj, Mapping) else None
-            raise clean or config_error(exc, cls, values) from None
-
-    @classmethod
-    def model_validate_json(
-        cls: type[_C], json_data: str | bytes | bytearray, **options: Any
-    ) -> _C:
-        """pydantic's entry point, raising ``ConfigError`` like the others."""
-        try:
-            values = json.loads(json_data)
-        except (ValueError, RecursionError) as exc:
-            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-            raise ConfigError(f"invalid {cls.__name__}: not valid JSON: {why}") from None
-        return cls.model_validate(values, **options)
 
     def _shown(self, name: str, value: Any) -> Any:
         """Field ``name``'s value as a repr or a dump shows it: secrets masked."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._config import ServerConfig, excerpt
 from ._errors import ConfigError
+from ._poolconfig import POOL_KEYS, PoolConfig
 from .backends.custom import CustomConfig
 from .backends.dummy import DummyConfig
 from .backends.endpoint import EndpointConfig
@@ -27,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["BACKENDS", "load_config", "read_config_file"]
+__all__ = ["BACKENDS", "load_config", "load_pool_config", "read_config_file"]
 
 BACKENDS: dict[str, type[ServerConfig]] = {
     "dummy": DummyConfig,
@@ -62,13 +63,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> ServerConfig:
-    """A config from a TOML/JSON file path or a mapping; its ``backend`` picks the class."""
+    """A config from a TOML/JSON file path or a mapping; its ``backend`` picks the class.
+
+    A source that also sets up a pool (``replicas``, ``routing``, ...) is refused with a
+    pointer to ``load_pool_config``: its pool settings would otherwise be lost.
+    """
+    values = _values(source)
+    pool_keys = sorted(POOL_KEYS.intersection(values))
+    if pool_keys:
+        keys = ", ".join(pool_keys)
+        raise ConfigError(f"pool settings ({keys}) in a server config: use load_pool_config")
+    return _server_config(values)
+
+
+def load_pool_config(source: str | Path | Mapping[str, Any]) -> tuple[ServerConfig, PoolConfig]:
+    """A replica's config and the pool's settings from one TOML/JSON file or mapping:
+    the pool's keys (``replicas``, ``routing``, ``max_restarts``, ...) beside the
+    server's. ``open_pool(config, **pool.model_dump())`` runs it."""
+    values = _values(source)
+    pool = {key: values.pop(key) for key in sorted(POOL_KEYS.intersection(values))}
+    return _server_config(values), PoolConfig.build(pool)
+
+
+def _values(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(source, Mapping):
-        values = dict(source)
-    elif isinstance(source, str | os.PathLike):
-        values = read_config_file(source)
-    else:
-        raise ConfigError(f"a config comes from a path or a mapping, not {excerpt(source)}")
+        return dict(source)
+    if isinstance(source, str | os.PathLike):
+        return read_config_file(source)
+    raise ConfigError(f"a config comes from a path or a mapping, not {excerpt(source)}")
+
+
+def _server_config(values: dict[str, Any]) -> ServerConfig:
     backend = values.pop("backend", "dummy")
     cls = BACKENDS.get(backend) if isinstance(backend, str) else None
     if cls is None:

@@ -1,0 +1,479 @@
+"""``open_pool``: many replicas of one model under one coordinator that owns their
+processes and routes among them — and never loses or duplicates a request.
+
+::
+
+    open_pool(config, replicas=4)        one task group: the body + a task per replica
+     ├─ Replica.run, N of them                serve / fail / restart within a budget (_replica)
+     └─ the dispatcher                   each attempt of each request: a ready replica,
+                                         chosen by a routing policy (_routing), its load
+                                         counted, its breaker consulted (_breaker)
+
+A replica's failure is a value the pool handles: the requests on it are cancelled at
+once and sent to another replica, the replica is restarted (or given up). Requests wait
+while no replica can take them — every replica restarting, the pool paused — bounded by
+``request_timeout``; they fail only when none can ever come back (``PoolFailed``, which
+also ends the scope) or the pool is stopped (``ServerClosed``). Control signals
+(``pause``, ``resume``, ``drain``, ``stop``) follow ``_control``: an invalid one raises
+``ControlError``; each returns once every replica has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from ._client import Outcome, RequestClient, Target, Wire
+from ._config import ServerConfig
+from ._control import DISPATCHES, PoolState, Signal, control
+from ._errors import ConfigError, PoolFailed, RequestTimeout, ServerClosed
+from ._gpus import gpu_slices, slice_env, visible_devices
+from ._http import http_client
+from ._metrics import MetricsSnapshot
+from ._poolconfig import PoolConfig
+from ._redact import Redactor
+from ._replica import Replica, ReplicaInfo
+from ._replica_state import ReplicaState
+from ._responses import Completion
+from ._routing import Candidate, Policy, RouteKey, make_policy, prefix_of
+from ._scopes import one_exception, one_exception_cause
+from .backends._base import EngineConfig
+
+__all__ = ["Pool", "open_pool"]
+
+logger = logging.getLogger("servescope.pool")
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What the dispatcher knows of one request: its number (for the routing log) and
+    its routing key."""
+
+    number: int
+    key: RouteKey
+
+
+class _Dispatch:
+    """Each attempt to a replica that can take it, chosen by the routing policy.
+
+    Load counters are taken here (``acquire``) and given back here (``release``), once
+    per attempt on every way out: they cannot drift. Waiters queue; a freed slot wakes
+    one, a change in the replicas (ready, failed, resumed) wakes all.
+    """
+
+    def __init__(self, pool: Pool, policy: Policy, timeout: float) -> None:
+        self._pool = pool
+        self._policy = policy
+        self._timeout = timeout
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+        self._requests = 0
+        self.busy = 0
+        self.idle = anyio.Event()
+        self.idle.set()
+
+    def route(self, payload: Mapping[str, Any], routing_key: str | None) -> _Route:
+        self._requests += 1
+        prefix = prefix_of(payload) if self._policy.name == "prefix" else ""
+        return _Route(self._requests, RouteKey(prefix, routing_key))
+
+    async def acquire(self, tried: Sequence[Target], route: _Route) -> Target:
+        deadline = anyio.current_time() + self._timeout
+        while True:
+            self.check_open()
+            if self._pool.state in DISPATCHES:
+                replica = self._choose(tried, route)
+                if replica is not None:
+                    replica.in_flight += 1
+                    self.busy += 1
+                    self.idle = anyio.Event() if self.idle.is_set() else self.idle
+                    return replica
+            await self._wait(deadline)
+
+    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+        assert isinstance(target, Replica)
+        target.record(outcome, retry_after, anyio.current_time())
+        self.busy -= 1
+        if self.busy == 0:
+            self.idle.set()
+        self.wake_one()
+
+    def check_open(self) -> None:
+        self._pool._check_open()
+
+    async def backoff(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._pool._ended.wait()
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def wake_one(self) -> None:
+        """A slot was freed: the longest waiter may take it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.is_set():
+                waiter.set()
+                return
+
+    def wake_all(self) -> None:
+        """The replicas changed: every waiter looks again."""
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            waiter.set()
+
+    def _choose(self, tried: Sequence[Target], route: _Route) -> Replica | None:
+        now = anyio.current_time()
+        able = [replica for replica in self._pool._replicas if replica.takes_requests(now)]
+        fresh = [replica for replica in able if replica not in tried] or able
+        if not fresh:
+            return None
+        candidates = [Candidate(replica.index, replica.in_flight) for replica in fresh]
+        chosen = self._policy.choose(candidates, route.key)
+        self._pool._log_decision(route, len(tried) + 1, candidates, chosen.index)
+        return self._pool._replicas[chosen.index]
+
+    async def _wait(self, deadline: float) -> None:
+        """Until a replica may take the request: a change, a breaker's cool-down ending,
+        or ``RequestTimeout`` at ``deadline``."""
+        now = anyio.current_time()
+        if now >= deadline:
+            raise RequestTimeout(f"no replica could take the request within {self._timeout:g} s")
+        until = min([deadline, *self._pool._reopening()])
+        waiter = anyio.Event()
+        self._waiters.append(waiter)
+        try:
+            with anyio.move_on_after(max(0.0, until - now)):
+                await waiter.wait()
+        finally:
+            if not waiter.is_set():
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+
+class Pool:
+    """Replicas of one model behind one request surface (``chat``, ``complete``,
+    ``request``, ``metrics``, as on ``Server``), with their state (``replicas``) and the
+    control signals ``pause``, ``resume``, ``drain`` and ``stop``.
+
+    Valid inside the ``async with open_pool(...)`` block that produced it.
+    """
+
+    def __init__(self, replicas: list[Replica], settings: PoolConfig, config: ServerConfig) -> None:
+        self._replicas = replicas
+        self.settings = settings
+        self.config = config
+        self.state = PoolState.RUNNING
+        self.failure: PoolFailed | None = None
+        self._closed = False
+        self._ended = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._routing_log: IO[str] | None = None
+        self._dispatch = _Dispatch(
+            self, make_policy(settings.routing, seed=settings.seed), config.request_timeout
+        )
+        secrets = [secret for replica in replicas for secret in replica.config.secrets()]
+        self._client = RequestClient(config, dispatch=self._dispatch, redact=Redactor(secrets))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def request(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        routing_key: str | None = None,
+    ) -> Coroutine[Any, Any, dict[str, Any]]:
+        """POST an OpenAI payload to a replica; await the JSON reply (see ``Server.request``).
+
+        ``routing_key``: with ``routing="sticky"``, one key goes to one replica."""
+        self._check_open()
+        return self._client.request(payload, path=path, headers=headers, routing_key=routing_key)
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
+    ) -> Completion:
+        """A chat completion from one of the replicas."""
+        self._check_open()
+        return await self._client.chat(messages, routing_key=routing_key, **params)
+
+    async def complete(
+        self, prompt: str, *, routing_key: str | None = None, **params: Any
+    ) -> Completion:
+        """A text completion from one of the replicas."""
+        self._check_open()
+        return await self._client.complete(prompt, routing_key=routing_key, **params)
+
+    def parse_completion(self, response: dict[str, Any]) -> Completion:
+        """A ``Completion`` from a ``request()`` answer, secrets kept out of its errors."""
+        return self._client.parse_completion(response)
+
+    @property
+    def metrics(self) -> MetricsSnapshot:
+        """The pool's request metrics (each replica's are in ``replicas``)."""
+        return self._client.metrics
+
+    @property
+    def replicas(self) -> list[ReplicaInfo]:
+        """Each replica now: state, address, load, restarts, outcomes, last error."""
+        return [replica.info() for replica in self._replicas]
+
+    async def wait_ready(self, min_ready: int | None = None) -> None:
+        """Wait until ``min_ready`` replicas (default: the config's ``min_ready``) are
+        ready; ``PoolFailed`` if too many have failed for good to get there."""
+        wanted = self.settings.min_ready if min_ready is None else min_ready
+        if not 1 <= wanted <= len(self._replicas):
+            raise ConfigError(f"min_ready must be 1 to {len(self._replicas)}, not {wanted}")
+        while True:
+            self._check_open()
+            ready = sum(replica.state is ReplicaState.READY for replica in self._replicas)
+            if ready >= wanted:
+                return
+            able = sum(not replica.given_up for replica in self._replicas)
+            if able < wanted:
+                reasons = self._reasons(given_up_only=True)
+                raise PoolFailed(
+                    f"only {able} replicas can still serve, {wanted} wanted: {reasons}"
+                )
+            changed = anyio.Event()
+            self._dispatch._waiters.append(changed)
+            await changed.wait()
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """No new request is dispatched (callers wait); returns once the requests in
+        flight on every replica have finished."""
+        self._signal(Signal.PAUSE)
+        await self._dispatch.idle.wait()
+
+    async def resume(self) -> None:
+        """Dispatch again after ``pause``."""
+        self._signal(Signal.RESUME)
+        self._dispatch.wake_all()
+
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (the API asked for)
+        """Finish the requests in flight (for at most ``timeout`` s; those left after it
+        are cancelled), then stop every replica; later requests get ``ServerClosed``."""
+        self._signal(Signal.DRAIN)
+        self._dispatch.wake_all()
+        for replica in self._replicas:
+            replica.drain()
+        with anyio.move_on_after(timeout):
+            await self._dispatch.idle.wait()
+        await self._stop_replicas()
+
+    async def stop(self) -> None:
+        """Stop every replica (after ``pause``: with none in flight); later requests get
+        ``ServerClosed``. Returns once every replica's process tree is gone."""
+        self._signal(Signal.STOP)
+        await self._stop_replicas()
+
+    def _signal(self, signal: Signal) -> None:
+        self._check_open()
+        self.state = control(self.state, signal)
+        logger.info("pool: %s -> %s", signal.name, self.state.name)
+
+    async def _stop_replicas(self) -> None:
+        for replica in self._replicas:
+            replica.stop()
+        for replica in self._replicas:
+            await replica.stopped.wait()
+        if self.state is not PoolState.STOPPED:
+            self.state = control(self.state, Signal.STOP)
+        self._dispatch.wake_all()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise PoolFailed(self.failure.reason, replica_errors=self.failure.replica_errors)
+        if self._closed or self.state in (PoolState.DRAINING, PoolState.STOPPED):
+            raise ServerClosed(f"the pool is {self._state_name()}; it takes no more requests")
+
+    def _state_name(self) -> str:
+        return "closed" if self._closed else self.state.name.lower()
+
+    def _replica_changed(self, replica: Replica) -> None:
+        """A replica may take requests, or no longer: waiters look again; if none can
+        ever serve again, the pool fails."""
+        self._dispatch.wake_all()
+        if self.failure is None and all(r.given_up for r in self._replicas):
+            self.failure = PoolFailed(
+                f"every replica failed for good: {self._reasons(given_up_only=True)}",
+                replica_errors=[r.last_error for r in self._replicas if r.last_error],
+            )
+            logger.error("pool: %s", self.failure.reason)
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+    def _reasons(self, *, given_up_only: bool) -> str:
+        parts = []
+        for replica in self._replicas:
+            if given_up_only and not replica.given_up:
+                continue
+            error = replica.last_error
+            why = error.reason if error is not None else replica.state.value
+            parts.append(f"replica {replica.index} ({replica.restarts} restarts): {why}")
+        return "; ".join(parts)
+
+    def _reopening(self) -> list[float]:
+        """When the open breakers of replicas that could serve will let requests again."""
+        times = []
+        for replica in self._replicas:
+            until = replica.breaker.opened_until
+            if until is not None and replica.state is ReplicaState.READY:
+                times.append(until)
+        return times
+
+    def _log_decision(
+        self, route: _Route, attempt: int, candidates: list[Candidate], chosen: int
+    ) -> None:
+        if self._routing_log is None:
+            return
+        record = {
+            "time": time.time(),
+            "request": route.number,
+            "attempt": attempt,
+            "policy": self.settings.routing,
+            "candidates": [[c.index, c.in_flight] for c in candidates],
+            "chosen": chosen,
+        }
+        self._routing_log.write(json.dumps(record) + "\n")
+
+    def _end(self) -> None:
+        self._closed = True
+        self._ended.set()
+        self._dispatch.wake_all()
+        if self._routing_log is not None:
+            self._routing_log.close()
+
+    def __repr__(self) -> str:
+        states = collections.Counter(replica.state.value for replica in self._replicas)
+        shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        return f"<Pool {len(self._replicas)} replicas: {shown}; {self._state_name()}>"
+
+
+def _resolve(
+    config: ServerConfig | Sequence[ServerConfig],
+    replicas: int | None,
+    settings: Mapping[str, Any],
+) -> tuple[list[ServerConfig], PoolConfig]:
+    """The replicas' configs and the pool's settings, checked."""
+    if isinstance(config, ServerConfig):
+        pool = PoolConfig.build(
+            {**settings, **({} if replicas is None else {"replicas": replicas})}
+        )
+        return [config] * pool.replicas, pool
+    configs = list(config)
+    if not configs or not all(isinstance(item, ServerConfig) for item in configs):
+        raise ConfigError("open_pool needs a config, or a non-empty list of configs")
+    if replicas is not None and replicas != len(configs):
+        raise ConfigError(f"replicas={replicas} but {len(configs)} configs were given")
+    models = {item.model for item in configs}
+    if len(models) > 1:
+        raise ConfigError(f"the replicas of a pool serve one model, not {sorted(models)}")
+    return configs, PoolConfig.build({**settings, "replicas": len(configs)})
+
+
+def _gpus_per_replica(config: ServerConfig, pool: PoolConfig) -> int:
+    if pool.gpus_per_replica is not None:
+        return pool.gpus_per_replica
+    if isinstance(config, EngineConfig):
+        return config.tp * config.pp * config.dp
+    return 0
+
+
+async def _gpu_envs(configs: list[ServerConfig], pool: PoolConfig) -> list[dict[str, str]]:
+    """Each replica's ``CUDA_VISIBLE_DEVICES`` slice (none for replicas without GPUs)."""
+    per = {_gpus_per_replica(config, pool) for config in configs}
+    if per == {0}:
+        return [{} for _ in configs]
+    if len(per) > 1:
+        raise ConfigError(f"replicas need different GPU counts {sorted(per)}: set gpus_per_replica")
+    devices = await anyio.to_thread.run_sync(visible_devices, dict(os.environ))
+    if devices is None:
+        if pool.gpus_per_replica is not None:
+            raise ConfigError(
+                "gpus_per_replica is set but no GPU is visible (no CUDA_VISIBLE_DEVICES, no driver)"
+            )
+        logger.info("pool: no GPU visible; the replicas share whatever device they find")
+        return [{} for _ in configs]
+    return [slice_env(devices) for devices in gpu_slices(devices, per.pop(), len(configs))]
+
+
+@asynccontextmanager
+async def open_pool(
+    config: ServerConfig | Sequence[ServerConfig],
+    *,
+    replicas: int | None = None,
+    **settings: Any,
+) -> AsyncIterator[Pool]:
+    """Start ``replicas`` copies of ``config`` (or one replica per config of a list);
+    yield the pool at once — requests wait for a ready replica by themselves.
+
+    ``settings`` are ``PoolConfig`` fields (``routing="prefix"``, ``max_restarts=5``,
+    ...). A replica's failure is handled inside the pool (its requests re-sent, it is
+    restarted); the scope fails with ``PoolFailed`` only when every replica has failed
+    for good. On every way out every replica's process tree is torn down.
+    """
+    configs, pool_config = _resolve(config, replicas, settings)
+    envs = await _gpu_envs(configs, pool_config)
+    async with AsyncExitStack() as stack:
+        wires: dict[int, tuple[Any, Wire]] = {}
+        members = []
+        pool: Pool | None = None
+
+        def changed(replica: Replica) -> None:
+            if pool is not None:
+                pool._replica_changed(replica)
+
+        for index, (item, env) in enumerate(zip(configs, envs, strict=True)):
+            if id(item) not in wires:  # replicas of one config share its client
+                http, wire = http_client(item)
+                wires[id(item)] = (await stack.enter_async_context(http), wire)
+            http, wire = wires[id(item)]
+            members.append(
+                Replica(index, item, wire, http, pool_config, env=env, on_change=changed)
+            )
+        pool = Pool(members, pool_config, configs[0])
+        if pool_config.routing_log is not None:
+            pool._routing_log = _open_routing_log(pool_config.routing_log)
+        try:
+            async with anyio.create_task_group() as tg:
+                pool._tg = tg
+                for member in members:
+                    tg.start_soon(member.run)
+                try:
+                    yield pool
+                finally:
+                    for member in members:
+                        member.stop()
+        except BaseException as exc:
+            raise one_exception(exc, pool.failure) from one_exception_cause(exc, pool.failure)
+        finally:
+            pool._end()
+        if pool.failure is not None:
+            raise pool.failure from None
+
+
+def _open_routing_log(path: Path) -> IO[str]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a", encoding="utf-8", buffering=1)
+    except OSError as exc:
+        raise ConfigError(f"routing_log {str(path)!r} cannot be written: {exc}") from None
