@@ -109,12 +109,7 @@ class Replica:
         self.state = ReplicaState.STARTING
         self.server: ServerState | None = None
         self.in_flight = 0
-        self.breaker = CircuitBreaker(
-            settings.breaker_failures,
-            settings.breaker_window,
-            settings.breaker_cooldown,
-            settings.breaker_successes,
-        )
+        self.breaker = self._new_breaker()
         self.counts = collections.Counter[Outcome]()
         self.restarts = 0
         self.restart_times: collections.deque[float] = collections.deque()
@@ -153,12 +148,18 @@ class Replica:
         )
 
     def record(self, outcome: Outcome, retry_after: float | None, now: float) -> None:
-        """An attempt on it ended: its load goes down, its breaker learns."""
+        """An attempt on it ended: its load goes down, its breaker learns — unless the
+        replica itself is failing (its requests' broken connections are its death, which
+        its restart handles, not a reason to keep its next life out of rotation)."""
         self.in_flight -= 1
         if self.in_flight < 0:  # a bug: never let it drift below zero
             logger.error("replica %d: in-flight count went below zero", self.index)
             self.in_flight = 0
         self.counts[outcome] += 1
+        if self.state not in TAKES_REQUESTS and self.state is not ReplicaState.UNHEALTHY:
+            return
+        if self.server is not None and self.server.failure is not None:
+            return
         if outcome is Outcome.ANSWERED:
             self.breaker.success(now)
         elif outcome is Outcome.FAILED:
@@ -273,8 +274,18 @@ class Replica:
             return
         self.restart_times.append(anyio.current_time())
         self.restarts += 1
+        self.breaker = self._new_breaker()  # a new life: what failed before is not its own
         self._to(ReplicaEvent.RELAUNCH)
         self.on_change(self)
+
+    def _new_breaker(self) -> CircuitBreaker:
+        settings = self.settings
+        return CircuitBreaker(
+            settings.breaker_failures,
+            settings.breaker_window,
+            settings.breaker_cooldown,
+            settings.breaker_successes,
+        )
 
     def _to(self, event: ReplicaEvent) -> None:
         before = self.state
