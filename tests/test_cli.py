@@ -457,3 +457,74 @@ def test_the_api_key_is_never_printed_when_the_config_fails(tmp_path: Path) -> N
     assert done.returncode == 2, done.stderr
     assert "must start with http://" in done.stderr and "**********" in done.stderr
     assert KEY not in done.stderr + done.stdout
+
+
+def test_generate_with_replicas_survives_replicas_crashing(tmp_path: Path) -> None:
+    """``--replicas 2``: both fake engines exit by themselves mid-job (every 1.5 s of
+    their life); the pool re-sends their requests and restarts them, and the job
+    finishes with every id exactly once and exit 0 (one server would have stopped it)."""
+    started = time.monotonic()
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = write_prompts(prompts, 400)  # ~2.5 s at 16 in flight: each replica dies twice
+    config = tmp_path / "pool.json"
+    config.write_text(
+        json.dumps(
+            {
+                "backend": "custom",
+                "script": str(DUMMY_SCRIPT),
+                "extra_args": ["--latency", "0.1", "--exit-after", "1.0"],
+                "replicas": 2,
+                "restart_backoff": 0.05,
+                "max_restarts": 50,
+                "shutdown_grace": 1,
+            }
+        )
+    )
+    done = run(
+        "generate",
+        str(prompts),
+        "-o",
+        str(out),
+        "--config",
+        str(config),
+        "--concurrency",
+        "8",
+        "--progress",
+        "none",
+        timeout=60,  # ~4 s; a breaker opened by every crash made it ~120 s
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert output_ids(out) == Counter(json.dumps(i) for i in ids)
+    assert not any("error" in json.loads(line) for line in out.read_text().splitlines())
+    assert time.monotonic() - started > 2.5  # it did outlive its replicas' lives
+
+
+def test_serve_with_replicas_prints_each_replica(tmp_path: Path) -> None:
+    command = [str(SCRIPT), "serve", "--replicas", "2", "--set", "routing=round_robin"]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            lines = [server.stdout.readline() for _ in range(2)]
+            urls = [line.split()[0] for line in lines]
+            assert [line.split()[-1] for line in lines] == ["replica=0", "replica=1"], lines
+            message = [{"role": "user", "content": "hi"}]
+            for url in urls:
+                body = {"model": "dummy", "messages": message}
+                assert httpx.post(f"{url}/chat/completions", json=body).status_code == 200
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=20) == 0
+        finally:
+            server.kill()
+
+
+def test_pool_settings_without_a_pool_are_refused_by_load_config(tmp_path: Path) -> None:
+    import servescope
+
+    with pytest.raises(servescope.ConfigError, match="load_pool_config"):
+        servescope.load_config({"backend": "dummy", "replicas": 3})
+    config, pool = servescope.load_pool_config({"backend": "dummy", "replicas": 3})
+    assert (type(config).__name__, pool.replicas) == ("DummyConfig", 3)
+    bad = run("generate", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "o"), "--replicas", "0")
+    assert bad.returncode == 2 and "replicas" in bad.stderr

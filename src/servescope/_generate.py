@@ -28,7 +28,7 @@ import logging
 import os
 import reprlib
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +39,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._client import CHAT_PATH, COMPLETIONS_PATH
 from ._errors import ConfigError, RequestError
+from ._metrics import MetricsSnapshot
 from ._redact import Redactor
-from ._server import Server
+from ._responses import Completion
 
 __all__ = [
     "Counts",
@@ -336,8 +337,21 @@ def _locked_output(path: Path) -> Iterator[IO[bytes]]:
         yield file
 
 
+class Serving(Protocol):
+    """What a job sends requests through: a ``Server`` or a ``Pool``."""
+
+    def request(
+        self, payload: dict[str, Any], *, path: str | None = None
+    ) -> Coroutine[Any, Any, dict[str, Any]]: ...
+
+    def parse_completion(self, response: dict[str, Any]) -> Completion: ...
+
+    @property
+    def metrics(self) -> MetricsSnapshot: ...
+
+
 async def run_job(
-    server: Server, job: Job, prepared: Prepared, progress: Progress, counts: Counts
+    server: Serving, job: Job, prepared: Prepared, progress: Progress, counts: Counts
 ) -> None:
     """Send every input line whose id is not in ``prepared.done`` through ``server``;
     write the results to ``prepared.output``. ``counts`` is updated as lines finish (the
@@ -384,7 +398,7 @@ async def run_job(
 
 
 async def _worker(
-    server: Server,
+    server: Serving,
     job: Job,
     prompts: MemoryObjectReceiveStream[Prompt],
     writer: _Writer,

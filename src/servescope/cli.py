@@ -28,7 +28,8 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ from . import __version__
 from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
 from ._generate import Counts, Job, Progress, prepare, run_job
-from ._loadconfig import BACKENDS, load_config, read_config_file
+from ._loadconfig import BACKENDS, load_pool_config, read_config_file
+from ._pool import Pool, open_pool
+from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
 from ._server import Server, open_server
 
@@ -73,6 +76,7 @@ CONFIG_FLAGS = {
     "concurrency": "max_concurrency",
     "startup_timeout": "startup_timeout",
     "log_dir": "log_dir",
+    "replicas": "replicas",
 }
 #: ``generate``'s requests in flight unless set; ``serve`` keeps the config's default.
 GENERATE_CONCURRENCY = 64
@@ -125,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             help=f"requests in flight (default {concurrency[command]})",
         )
+        group.add_argument(
+            "--replicas",
+            type=int,
+            help="run a pool of N replicas (routing, restarts: --set routing=prefix, ...)",
+        )
         group.add_argument("--startup-timeout", type=float)
         group.add_argument("--log-dir", type=Path, help="where the server's log file goes")
         group.add_argument(
@@ -141,7 +150,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     """The config file's values, the flags on top, the API key from the environment."""
-    return load_config(_config_values(args))
+    return load_pool_config(_config_values(args))[0]
+
+
+@asynccontextmanager
+async def _serving(config: ServerConfig, pool: PoolConfig | None) -> AsyncIterator[Server | Pool]:
+    """One supervised server, or a pool of replicas of it."""
+    if pool is None:
+        async with open_server(config) as server:
+            yield server
+    else:
+        async with open_pool(config, **dict(pool)) as replicas:
+            yield replicas
 
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,7 +249,7 @@ def _progress_line(counts: Counts) -> str:
     )
 
 
-def _summary(console: Console, counts: Counts, server: Server) -> None:
+def _summary(console: Console, counts: Counts, server: Server | Pool) -> None:
     table = Table(title="servescope generate", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
@@ -262,7 +282,9 @@ async def _until_signal(scope: anyio.CancelScope, caught: list[int]) -> None:
             return
 
 
-def _job(args: argparse.Namespace, config: ServerConfig, redact: Redactor) -> Job:
+def _job(
+    args: argparse.Namespace, config: ServerConfig, pool: PoolConfig | None, redact: Redactor
+) -> Job:
     params = {
         key: value
         for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
@@ -272,7 +294,8 @@ def _job(args: argparse.Namespace, config: ServerConfig, redact: Redactor) -> Jo
         input=args.input,
         output=args.output,
         errors=args.errors or args.output.with_name(args.output.name + ".errors"),
-        concurrency=config.max_concurrency,
+        # --concurrency is per server: a pool of N keeps N times as many in flight.
+        concurrency=config.max_concurrency * (pool.replicas if pool is not None else 1),
         params=params,
         redact=redact,
     )
@@ -290,18 +313,22 @@ def _progress(args: argparse.Namespace, console: Console) -> Progress:
 
 
 async def _generate(
-    args: argparse.Namespace, config: ServerConfig, console: Console, redact: Redactor
+    args: argparse.Namespace,
+    config: ServerConfig,
+    pool: PoolConfig | None,
+    console: Console,
+    redact: Redactor,
 ) -> int:
-    job = _job(args, config, redact)
+    job = _job(args, config, pool, redact)
     caught: list[int] = []
     with prepare(job) as prepared:  # checks and locks before the server starts
         counts = Counts(total=prepared.total)
         progress = _progress(args, console)
-        server: Server | None = None
+        server: Server | Pool | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_until_signal, tg.cancel_scope, caught)
-                async with open_server(config) as server:
+                async with _serving(config, pool) as server:
                     await run_job(server, job, prepared, progress, counts)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -326,15 +353,24 @@ async def _generate(
 
 
 async def _serve(
-    args: argparse.Namespace, config: ServerConfig, console: Console, redact: Redactor
+    args: argparse.Namespace,
+    config: ServerConfig,
+    pool: PoolConfig | None,
+    console: Console,
+    redact: Redactor,
 ) -> int:
     caught: list[int] = []
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope, caught)
-            async with open_server(config) as server:
-                await server.wait_ready()
-                print(redact(f"{server.base_url}/v1 model={config.model}"), flush=True)
+            async with _serving(config, pool) as serving:
+                await serving.wait_ready()
+                if isinstance(serving, Pool):
+                    for replica in serving.replicas:
+                        line = f"{replica.base_url}/v1 model={config.model} replica={replica.index}"
+                        print(redact(line), flush=True)
+                else:
+                    print(redact(f"{serving.base_url}/v1 model={config.model}"), flush=True)
                 await anyio.sleep_forever()
     except BaseExceptionGroup as group:
         raise _single(group) from None
@@ -407,10 +443,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         values = _config_values(args)
         redact = logs.redact = _redactor(values)
-        config = load_config(values)
+        config, settings = load_pool_config(values)
+        # Any pool key (--replicas, routing, ...) asks for a pool; else one server.
+        pool = settings if POOL_KEYS.intersection(values) else None
         redact = logs.redact = _redactor(values, config)
         run = _generate if args.command == "generate" else _serve
-        code = anyio.run(run, args, config, console, redact)
+        code = anyio.run(run, args, config, pool, console, redact)
     except (ServeError, OSError) as exc:
         # Bad usage, config or input files: 2; the server failed: 1.
         code = 2 if isinstance(exc, ConfigError | OSError) else 1
