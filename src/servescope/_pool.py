@@ -284,7 +284,10 @@ class Pool:
         await self._stop_replicas()
 
     def _signal(self, signal: Signal) -> None:
-        self._check_open()
+        # Only a failed pool or an ended scope refuses here; what a pool state allows is
+        # ``control``'s to say (a STOP while draining is allowed, a PAUSE once stopped
+        # is a ControlError), not ServerClosed's, which is for requests.
+        self._check_scope()
         self.state = control(self.state, signal)
         logger.info("pool: %s -> %s", signal.name, self.state.name)
 
@@ -299,10 +302,16 @@ class Pool:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _check_scope(self) -> None:
+        """Raise if the pool failed for good or its scope has ended."""
         if self.failure is not None:
             raise PoolFailed(self.failure.reason, replica_errors=self.failure.replica_errors)
-        if self._closed or self.state in (PoolState.DRAINING, PoolState.STOPPED):
+        if self._closed:
+            raise ServerClosed("the pool is closed; it takes no more requests")
+
+    def _check_open(self) -> None:
+        self._check_scope()
+        if self.state in (PoolState.DRAINING, PoolState.STOPPED):
             raise ServerClosed(f"the pool is {self._state_name()}; it takes no more requests")
 
     def _state_name(self) -> str:
