@@ -650,3 +650,37 @@ async def test_heterogeneous_pool_of_endpoints_and_an_in_process_dummy() -> None
                 texts = [await chat(pool) for _ in range(6)]
             assert sorted(texts) == ["alpha"] * 2 + ["beta"] * 2 + ["gamma"] * 2
             assert [replica.pid for replica in pool.replicas] == [None] * 3
+
+
+# -- waiting for a replica --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_waiters_sleep_while_a_half_open_breaker_cannot_take_them() -> None:
+    """A breaker past its cool-down (half-open) is no deadline to wake up for: requests
+    waiting on a paused pool sleep until resumed, they do not spin the event loop."""
+    breaker = {"breaker_failures": 1, "breaker_cooldown": 0.05}
+    with anyio.fail_after(10):
+        async with open_pool(dummy(), replicas=2, **breaker) as pool:
+            await pool.wait_ready(2)
+            inject(pool, 0, "status=503")
+            await chat(pool)  # replica 0's breaker opens; replica 1 answers the retry
+            assert [r.breaker for r in pool.replicas] == ["open", "closed"]
+            await anyio.sleep(0.1)
+            assert [r.breaker for r in pool.replicas] == ["half-open", "closed"]
+            looks = 0
+            reopening = pool._reopening
+
+            def counted() -> list[float]:
+                nonlocal looks
+                looks += 1
+                return reopening()
+
+            pool._reopening = counted  # type: ignore[method-assign]
+            await pool.pause()
+            async with collecting() as (tg, results):
+                spawn(tg, results, lambda: chat(pool))
+                await anyio.sleep(0.5)
+                assert results == [] and looks < 10, looks
+                await pool.resume()
+            assert len(results) == 1 and isinstance(results[0], str)

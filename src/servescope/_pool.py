@@ -341,11 +341,16 @@ class Pool:
         return "; ".join(parts)
 
     def _reopening(self) -> list[float]:
-        """When the open breakers of replicas that could serve will let requests again."""
+        """When the open breakers of replicas that could serve will let requests again.
+
+        Only deadlines still ahead: a breaker past its deadline is half-open and keeps it
+        until it closes, and a waiter woken at once for it would spin (a paused pool, a
+        replica at its concurrency limit)."""
+        now = anyio.current_time()
         times = []
         for replica in self._replicas:
             until = replica.breaker.opened_until
-            if until is not None and replica.state is ReplicaState.READY:
+            if until is not None and until > now and replica.state is ReplicaState.READY:
                 times.append(until)
         return times
 
