@@ -34,6 +34,7 @@ from servescope import (
     open_pool,
     open_server,
 )
+from servescope._asgi import bound_socket
 from servescope._dummy_app import DummyApp
 from servescope._faults import Fault, FaultSchedule, parse_fault
 
@@ -684,3 +685,75 @@ async def test_waiters_sleep_while_a_half_open_breaker_cannot_take_them() -> Non
                 assert results == [] and looks < 10, looks
                 await pool.resume()
             assert len(results) == 1 and isinstance(results[0], str)
+
+
+@asynccontextmanager
+async def one_slot_and_a_dead_endpoint() -> AsyncIterator[Pool]:
+    """A pool whose replica 0 takes one request at a time (0.3 s each) and whose replica 1,
+    an endpoint nobody listens on, waits 30 s before each re-check: no replica changes
+    while a test runs, only slots are freed."""
+    dead = bound_socket()  # bound, not listening: connections are refused
+    try:
+        url = f"http://127.0.0.1:{dead.getsockname()[1]}/v1"
+        configs = [
+            dummy(latency=0.3, max_concurrency=1),
+            EndpointConfig(url=url, model="dummy", **FAST),
+        ]
+        async with open_pool(configs, restart_backoff=30) as pool:
+            await pool.wait_ready(1)
+            await eventually(lambda: pool.replicas[1].state == "restarting")
+            yield pool
+    finally:
+        dead.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("waiter", ["waiting", "cancelled"])
+async def test_wait_ready_never_takes_a_freed_slot_from_a_request(waiter: str) -> None:
+    """``wait_ready`` waits for replicas to change, not for slots: a slot freed while it
+    waits (or after it was cancelled) goes to the request waiting for one."""
+    with anyio.fail_after(10):
+        async with one_slot_and_a_dead_endpoint() as pool, collecting() as (tg, results):
+            if waiter == "waiting":
+                tg.start_soon(pool.wait_ready, 2)
+            else:
+                with anyio.move_on_after(0.05):
+                    await pool.wait_ready(2)
+            await anyio.sleep(0.05)
+            assert pool.metrics.waiting == 0  # requests waiting: wait_ready is none
+            started = time.monotonic()
+            spawn(tg, results, lambda: chat(pool))
+            await eventually(lambda: pool.metrics.in_flight == 1)
+            spawn(tg, results, lambda: chat(pool))  # waits for the one slot
+            await eventually(lambda: len(results) == 2, within=5)
+            assert time.monotonic() - started < 2
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_waiter_cancelled_as_it_is_woken_passes_the_slot_on() -> None:
+    """A caller giving up at the moment a slot is handed to it: the next waiter gets it."""
+    with anyio.fail_after(10):
+        async with one_slot_and_a_dead_endpoint() as pool, collecting() as (tg, results):
+            gives_up = anyio.CancelScope()
+
+            async def first_then_give_up() -> None:
+                results.append(await chat(pool))
+                gives_up.cancel()  # before the waiter it woke has run
+
+            async def impatient() -> None:
+                with gives_up:
+                    await chat(pool)
+                results.append("gave up")
+
+            tg.start_soon(first_then_give_up)
+            await eventually(lambda: pool.metrics.in_flight == 1)
+            tg.start_soon(impatient)
+            await eventually(lambda: pool.metrics.waiting == 1)
+            spawn(tg, results, lambda: chat(pool))
+            await eventually(lambda: pool.metrics.waiting == 2)
+            started = time.monotonic()
+            await eventually(lambda: len(results) == 3, within=5)
+            assert time.monotonic() - started < 2
+            assert sorted(map(str, results)).count("gave up") == 1
+            settled(pool)

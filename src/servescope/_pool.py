@@ -78,6 +78,7 @@ class _Dispatch:
         self._policy = policy
         self._timeout = timeout
         self._waiters: collections.deque[anyio.Event] = collections.deque()
+        self._watchers: set[anyio.Event] = set()  # ``changed``: woken by changes only
         self._requests = 0
         self.busy = 0
         self.idle = anyio.Event()
@@ -130,8 +131,18 @@ class _Dispatch:
     def wake_all(self) -> None:
         """The replicas changed: every waiter looks again."""
         waiters, self._waiters = self._waiters, collections.deque()
-        for waiter in waiters:
+        for waiter in [*waiters, *self._watchers]:
             waiter.set()
+
+    async def changed(self) -> None:
+        """Until the replicas (or the pool's state) change. Not a waiter for a slot: a
+        freed slot's ``wake_one`` must go to a request, never to a watcher."""
+        event = anyio.Event()
+        self._watchers.add(event)
+        try:
+            await event.wait()
+        finally:
+            self._watchers.discard(event)
 
     def _choose(self, tried: Sequence[Target], route: _Route) -> Replica | None:
         now = anyio.current_time()
@@ -249,9 +260,7 @@ class Pool:
                 raise PoolFailed(
                     f"only {able} replicas can still serve, {wanted} wanted: {reasons}"
                 )
-            changed = anyio.Event()
-            self._dispatch._waiters.append(changed)
-            await changed.wait()
+            await self._dispatch.changed()
 
     # -- control ----------------------------------------------------------------------------
 
