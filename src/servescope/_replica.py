@@ -180,6 +180,8 @@ class Replica:
                 if self._stop.is_set():
                     break
                 self._failed(failure)
+                if self.state is ReplicaState.STOPPED:
+                    break  # it failed while draining: nothing left to finish, no restart
                 if not self._may_restart():
                     self.given_up = True
                     self.on_change(self)
