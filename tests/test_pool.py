@@ -609,7 +609,7 @@ async def test_pool_failed_names_each_replica_when_all_spend_their_budget(
     for error in failure.replica_errors:
         assert isinstance(error, ServerStartError) and error.exit_code == 3
         assert any("loading weights" in line for line in error.log_tail)
-    assert [(r.given_up, r.restarts) for r in pool.replicas] == [(True, 1), (True, 1)]
+    assert [(r.state, r.given_up, r.restarts) for r in pool.replicas] == [("failed", True, 1)] * 2
     with pytest.raises(PoolFailed):
         await chat(pool)
 

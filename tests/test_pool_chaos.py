@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,6 +32,7 @@ from servescope._dummy_app import DummyApp, DummySettings
 from servescope._routing import Candidate, RouteKey, make_policy
 
 from .test_pool import (
+    CRASH_SCRIPT,
     FAST,
     QUICK,
     app,
@@ -42,6 +44,7 @@ from .test_pool import (
     gone,
     inject,
     process,
+    script,
     served,
     settled,
     spawn,
@@ -574,6 +577,35 @@ async def test_every_process_replica_killed_then_back() -> None:
             assert [replica.restarts for replica in pool.replicas] == [1, 1]
             assert all(pid is not None and gone(pid) for pid in pids)
             settled(pool)
+
+
+# -- a crash loop -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_crash_loop_spends_its_budget_and_stays_failed_while_others_serve(
+    tmp_path: Path,
+) -> None:
+    configs = [script(tmp_path / "crash.py", CRASH_SCRIPT), dummy(), process()]
+    with anyio.fail_after(20):
+        async with open_pool(configs, max_restarts=2, **QUICK) as pool:
+            await pool.wait_ready(2)
+            await eventually(lambda: pool.replicas[0].given_up)
+            crashed = pool.replicas[0]
+            assert (crashed.state, crashed.restarts) == ("failed", 2)
+            assert crashed.last_error is not None
+            assert "exited with code 3 before it was ready" in crashed.last_error
+            assert any("loading weights" in line for line in crashed.log_tail)
+            assert any("bad checkpoint" in line for line in crashed.log_tail)
+            for _ in range(6):
+                await chat(pool)
+            assert served(pool) == [0, 3, 3]
+            await anyio.sleep(0.3)
+            assert pool.replicas[0].state == "failed"  # not restarted again
+            assert pool.replicas[0].restarts == 2
+            await pool.pause()
+            await pool.stop()
+            assert [r.state for r in pool.replicas] == ["failed", "stopped", "stopped"]
 
 
 # -- control under chaos ------------------------------------------------------------------

@@ -188,7 +188,9 @@ class Replica:
                     return
                 await self._wait_to_restart()
         finally:
-            if self.state is not ReplicaState.STOPPED:
+            # Given up, it stays failed (its reason and log tail with it): "stopped" would
+            # say someone stopped it, when it failed for good.
+            if self.state is not ReplicaState.STOPPED and not self.given_up:
                 self._to(ReplicaEvent.STOP)
             self.stopped.set()
             self.on_change(self)
