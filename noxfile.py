@@ -56,6 +56,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_pool.py")
     session.run("python", "benchmarks/bench_generate.py")
+    session.run("python", "benchmarks/bench_replicas.py")
 
 
 @nox.session
