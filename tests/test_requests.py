@@ -369,7 +369,7 @@ class FixedTarget:
     def check_open(self) -> None:
         pass
 
-    async def backoff(self, seconds: float) -> None:
+    async def backoff(self, seconds: float, tried: Sequence[Target]) -> None:
         await anyio.sleep(seconds)
 
     def waiting(self) -> int:

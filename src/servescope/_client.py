@@ -138,8 +138,9 @@ class Dispatcher(Protocol):
         """Raise the scope's error (or ``ServerClosed``) if it takes no more requests."""
         ...
 
-    async def backoff(self, seconds: float) -> None:
-        """Sleep before a retry: ``seconds``, or less if the scope ends meanwhile."""
+    async def backoff(self, seconds: float, tried: Sequence[Target]) -> None:
+        """Wait before a retry: ``seconds``, or less if the scope ends meanwhile (a pool:
+        not at all if a target this request has not tried can take it now)."""
         ...
 
     def waiting(self) -> int:
@@ -304,7 +305,7 @@ class RequestClient:
                     retry_after_cap=config.retry_after_max,
                     rng=self._rng,
                 )
-                await dispatch.backoff(delay)
+                await dispatch.backoff(delay, tried)
         except Exception:
             self._metrics.failed += 1
             raise

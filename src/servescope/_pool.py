@@ -113,7 +113,13 @@ class _Dispatch:
     def check_open(self) -> None:
         self._pool._check_open()
 
-    async def backoff(self, seconds: float) -> None:
+    async def backoff(self, seconds: float, tried: Sequence[Target]) -> None:
+        """A retry to a replica this request has not tried goes at once: the backoff
+        spares one server a retry storm, and another replica is not that server (a
+        killed replica's requests see its broken connections before its exit is known)."""
+        now = anyio.current_time()
+        if any(r.takes_requests(now) and r not in tried for r in self._pool._replicas):
+            return
         with anyio.move_on_after(seconds):
             await self._pool._ended.wait()
 

@@ -159,7 +159,7 @@ class _OneServer:
     def check_open(self) -> None:
         self._state.check_open()
 
-    async def backoff(self, seconds: float) -> None:
+    async def backoff(self, seconds: float, tried: Sequence[Target]) -> None:
         await self._state.backoff(seconds)
 
     def waiting(self) -> int:
