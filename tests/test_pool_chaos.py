@@ -22,9 +22,14 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import servescope
 from servescope import (
+    BadRequest,
     EndpointConfig,
+    Pool,
     open_pool,
 )
 from servescope._asgi import listen_socket, serve_asgi
@@ -53,7 +58,9 @@ from .test_pool import (
 
 class Backend:
     """An OpenAI-shaped server this test runs itself, which a pool sees as an endpoint:
-    it can be killed, and started again on the same port (a fresh app each time)."""
+    it can be killed, and started again on the same port (a fresh app each time), and
+    frozen (it accepts connections and answers nothing, health probes included: a hung
+    engine) and thawed."""
 
     def __init__(self, tg: anyio.abc.TaskGroup, text: str = "backend") -> None:
         self.tg = tg
@@ -62,6 +69,22 @@ class Backend:
         self.app = DummyApp(DummySettings(text=text))
         self.lives = 0
         self._scope: anyio.CancelScope | None = None
+        self._thawed = anyio.Event()
+        self._thawed.set()
+
+    async def _frozen_or_app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._thawed.wait()
+        await self.app(scope, receive, send)
+
+    def freeze(self) -> None:
+        """Answer nothing from now on (requests already inside the app go on)."""
+        if self._thawed.is_set():
+            self._thawed = anyio.Event()
+
+    def thaw(self) -> None:
+        """Answer again, the requests held meanwhile included."""
+        self._thawed.set()
 
     async def start(self) -> None:
         """Serve (again) on its port."""
@@ -73,7 +96,7 @@ class Backend:
 
     async def _serve(self, sock: Any, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.CancelScope() as self._scope:
-            await serve_asgi(self.app, sock, shutdown_grace=0, task_status=task_status)
+            await serve_asgi(self._frozen_or_app, sock, shutdown_grace=0, task_status=task_status)
 
     def kill(self) -> None:
         """Stop serving at once: connections are cut, new ones refused."""
@@ -512,6 +535,34 @@ async def test_sglang_router_failed_worker_rejoins_after_restart() -> None:
 
 
 @pytest.mark.anyio
+async def test_endpoint_recheck_backoff_starts_over_once_it_served_again() -> None:
+    """An endpoint is re-checked for ever, with a doubling wait; once it has served
+    longer than ``restart_window``, its next outage starts from the first short wait
+    again — not from the cap its first outage reached (nor do its re-checks pile up)."""
+    backoff = {"restart_backoff": 0.01, "restart_backoff_max": 0.5, "restart_window": 0.5}
+    with anyio.fail_after(20):
+        async with (
+            backends("a", "b") as (a, b),
+            open_pool([a.config(), b.config()], **backoff) as pool,
+        ):
+            await pool.wait_ready(2)
+            a.kill()
+            await anyio.sleep(1.0)  # re-checked after 0.01, 0.02, 0.04 ... 0.32, 0.5 s
+            assert pool.replicas[0].restarts >= 5
+            await a.start()
+            await eventually(lambda: pool.replicas[0].state == "ready", within=3)
+            await anyio.sleep(0.7)  # serving, longer than restart_window
+            a.kill()
+            await eventually(lambda: pool.replicas[0].state in ("failed", "restarting"))
+            await anyio.sleep(0.05)
+            await a.start()
+            back = time.monotonic()
+            await eventually(lambda: pool.replicas[0].state == "ready", within=3)
+            assert time.monotonic() - back < 0.3
+            assert len(pool._replicas[0].restart_times) <= 5
+
+
+@pytest.mark.anyio
 async def test_sglang_router_starts_with_some_workers_unhealthy() -> None:
     """SGLang's router refused to start unless every worker was healthy. A pool starts
     with one of two up, serves with it, and takes the other once it comes up."""
@@ -659,3 +710,125 @@ async def test_pause_and_resume_while_replicas_are_killed() -> None:
                 await pool.resume()
             assert len(results) == 8 and all(not isinstance(r, Exception) for r in results)
             settled(pool)
+
+
+# -- random schedules of all of it --------------------------------------------------------
+
+#: A fault at a time: (seconds from the start, what, a number that sizes it).
+ChaosEvent = tuple[float, str, float]
+KINDS = ["kill", "freeze", "burst", "throttle", "drop", "pause"]
+#: Per-request directives: most are answered, some are refused (400) by every replica.
+REQUESTS = ["ok", "ok", "delay=0.05", "delay=0.2", "status=400"]
+
+
+class Chaos:
+    """Plays a schedule of faults on a pool: two endpoints (``Backend``: killed and
+    restarted on their port, frozen and thawed) and an in-process dummy (5xx bursts,
+    429s, cut connections); and pauses the pool. One fault at a time per target."""
+
+    def __init__(self, pool: Pool, endpoints: list[Backend]) -> None:
+        self.pool = pool
+        self.endpoints = endpoints
+        self.locks = {name: anyio.Lock() for name in ("0", "1", "dummy", "pool")}
+
+    async def play(self, at: float, kind: str, size: float) -> None:
+        await anyio.sleep(at)
+        index = int(size * 100) % 2  # which endpoint
+        if kind in ("kill", "freeze"):
+            async with self.locks[str(index)]:
+                await self._endpoint(self.endpoints[index], kind, size)
+        elif kind == "pause":
+            async with self.locks["pool"]:
+                await self.pool.pause()
+                await anyio.sleep(size / 2)
+                await self.pool.resume()
+        else:
+            async with self.locks["dummy"]:
+                await self._dummy(kind, size)
+
+    async def _endpoint(self, backend: Backend, kind: str, size: float) -> None:
+        if kind == "kill":
+            backend.kill()
+            await anyio.sleep(size)
+            await backend.start()
+        else:
+            backend.freeze()
+            await anyio.sleep(size)
+            backend.thaw()
+
+    async def _dummy(self, kind: str, size: float) -> None:
+        count = 1 + int(size * 10)
+        if kind == "burst":
+            inject(self.pool, 2, *["status=503", "status=500", "status=502"] * count)
+        elif kind == "throttle":
+            inject(self.pool, 2, f"status=429,retry-after={size / 2:.2f}")
+        else:
+            inject(self.pool, 2, *["drop"] * count)
+
+
+chaos_events = st.lists(
+    st.tuples(
+        st.floats(0, 0.8),
+        st.sampled_from(KINDS),
+        st.sampled_from([0.1, 0.25, 0.4, 0.61, 0.8]),
+    ),
+    max_size=6,
+)
+chaos_requests = st.lists(st.tuples(st.floats(0, 1.0), st.sampled_from(REQUESTS)), max_size=30)
+
+
+@pytest.mark.anyio
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chaos_events, chaos_requests)
+async def test_random_chaos_every_request_ends_exactly_once(
+    events: list[ChaosEvent], requests: list[tuple[float, str]]
+) -> None:
+    """Invariants under any schedule of kills, hangs, bursts, 429s, cut connections and
+    pauses: every request ends exactly once — answered, or refused (400) with
+    ``BadRequest`` — and never twice (the replicas' answers are the answers); every load
+    counter is back at zero; the scope exits within its bound, leaving no task behind."""
+    outcomes: list[list[object]] = [[] for _ in requests]
+    quick = {
+        **QUICK,
+        "demote_after": 0.3,
+        "restart_backoff_max": 0.1,
+        "breaker_failures": 3,
+        "breaker_cooldown": 0.2,
+    }
+    tasks_before = {task.id for task in anyio.get_running_tasks()}
+    with anyio.fail_after(30):
+        async with backends("a", "b") as endpoints:
+            configs = [endpoints[0].config(), endpoints[1].config(), dummy(max_retries=10)]
+            async with open_pool(configs, **quick) as pool:
+                await pool.wait_ready(3)
+                chaos = Chaos(pool, endpoints)
+
+                async def send(number: int, at: float, fault: str) -> None:
+                    await anyio.sleep(at)
+                    headers = {"x-servescope-fault": fault}
+                    payload = {"messages": [{"role": "user", "content": f"#{number}"}]}
+                    try:
+                        outcomes[number].append(await pool.request(payload, headers=headers))
+                    except servescope.ServeError as exc:
+                        outcomes[number].append(exc)
+
+                async with anyio.create_task_group() as tg:
+                    for number, (at, fault) in enumerate(requests):
+                        tg.start_soon(send, number, at, fault)
+                    for event in events:
+                        tg.start_soon(chaos.play, *event)
+                settled(pool)
+                answered = sum(replica.answered for replica in pool.replicas)
+                leaving = time.monotonic()
+            assert time.monotonic() - leaving < 3
+    assert {task.id for task in anyio.get_running_tasks()} <= tasks_before
+    for (_, fault), outcome in zip(requests, outcomes, strict=True):
+        assert len(outcome) == 1, outcome  # exactly once
+        (result,) = outcome
+        if fault == "status=400":
+            assert isinstance(result, BadRequest) and result.status_code == 400, result
+        else:
+            assert isinstance(result, dict) and result["choices"], result
+    assert answered == len(requests)  # one answer per request, none twice
+    ids = [r["id"] for (r,) in outcomes if isinstance(r, dict)]
+    assert len(ids) == len(set(ids))

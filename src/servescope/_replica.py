@@ -260,12 +260,16 @@ class Replica:
         self.on_change(self)
 
     def _may_restart(self) -> bool:
-        """Within its restart budget (an endpoint always is)."""
-        if isinstance(self.config, EndpointConfig):
-            return True
+        """Within its restart budget (an endpoint always is).
+
+        Restarts older than ``restart_window`` are forgotten first, an endpoint's too:
+        they size the next backoff, which starts short again after a quiet window, and
+        an endpoint re-checked for ever must not keep every re-check's time."""
         since = anyio.current_time() - self.settings.restart_window
         while self.restart_times and self.restart_times[0] < since:
             self.restart_times.popleft()
+        if isinstance(self.config, EndpointConfig):
+            return True
         return len(self.restart_times) < self.settings.max_restarts
 
     async def _wait_to_restart(self) -> None:
