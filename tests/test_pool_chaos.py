@@ -539,7 +539,11 @@ async def test_endpoint_recheck_backoff_starts_over_once_it_served_again() -> No
     """An endpoint is re-checked for ever, with a doubling wait; once it has served
     longer than ``restart_window``, its next outage starts from the first short wait
     again — not from the cap its first outage reached (nor do its re-checks pile up)."""
-    backoff = {"restart_backoff": 0.01, "restart_backoff_max": 0.5, "restart_window": 0.5}
+    backoff: dict[str, Any] = {
+        "restart_backoff": 0.01,
+        "restart_backoff_max": 1.0,
+        "restart_window": 0.5,
+    }
     with anyio.fail_after(20):
         async with (
             backends("a", "b") as (a, b),
@@ -547,8 +551,8 @@ async def test_endpoint_recheck_backoff_starts_over_once_it_served_again() -> No
         ):
             await pool.wait_ready(2)
             a.kill()
-            await anyio.sleep(1.0)  # re-checked after 0.01, 0.02, 0.04 ... 0.32, 0.5 s
-            assert pool.replicas[0].restarts >= 5
+            await anyio.sleep(1.5)  # re-checked after 0.01, 0.02, 0.04 ... 0.64 s
+            assert pool.replicas[0].restarts >= 6
             await a.start()
             await eventually(lambda: pool.replicas[0].state == "ready", within=3)
             await anyio.sleep(0.7)  # serving, longer than restart_window
@@ -558,7 +562,7 @@ async def test_endpoint_recheck_backoff_starts_over_once_it_served_again() -> No
             await a.start()
             back = time.monotonic()
             await eventually(lambda: pool.replicas[0].state == "ready", within=3)
-            assert time.monotonic() - back < 0.3
+            assert time.monotonic() - back < 0.5  # not the 1 s the first outage reached
             assert len(pool._replicas[0].restart_times) <= 5
 
 
