@@ -757,3 +757,31 @@ async def test_a_waiter_cancelled_as_it_is_woken_passes_the_slot_on() -> None:
             assert time.monotonic() - started < 2
             assert sorted(map(str, results)).count("gave up") == 1
             settled(pool)
+
+
+# -- leaving the scope ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_error_in_the_body_comes_out_as_it_is_and_every_process_is_gone() -> None:
+    with anyio.fail_after(20), pytest.raises(KeyError, match="from the body"):
+        async with open_pool(process(), replicas=2) as pool:
+            await pool.wait_ready(2)
+            pids = [replica.pid for replica in pool.replicas]
+            raise KeyError("from the body")
+    assert all(pid is not None and gone(pid) for pid in pids)
+    assert [replica.state for replica in pool.replicas] == ["stopped", "stopped"]
+
+
+@pytest.mark.anyio
+async def test_requests_waiting_outside_the_scope_get_server_closed_when_it_ends() -> None:
+    with anyio.fail_after(10):
+        async with collecting() as (tg, results), open_pool(dummy(), replicas=2) as pool:
+            await pool.wait_ready(2)
+            await pool.pause()
+            for _ in range(3):
+                spawn(tg, results, lambda: chat(pool))  # tasks of the outer group
+            await eventually(lambda: pool.metrics.waiting == 3)
+        assert len(results) == 3 and all(isinstance(r, ServerClosed) for r in results)
+        with pytest.raises(ServerClosed):
+            await chat(pool)

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,7 +35,6 @@ from servescope import (
 )
 from servescope._asgi import listen_socket, serve_asgi
 from servescope._dummy_app import DummyApp, DummySettings
-from servescope._routing import Candidate, RouteKey, make_policy
 
 from .test_pool import (
     CRASH_SCRIPT,
@@ -133,15 +133,9 @@ def frozen(pid: int) -> Iterator[None]:
             pass
 
 
-def key_for(index: int, replicas: int) -> str:
-    """A ``routing_key`` that sticky routing sends to replica ``index``."""
-    policy = make_policy("sticky")
-    candidates = [Candidate(i, 0) for i in range(replicas)]
-    for number in range(1000):
-        key = f"key-{number}"
-        if policy.choose(candidates, RouteKey("", key)).index == index:
-            return key
-    raise AssertionError("no key found")  # pragma: no cover
+def ends(connection: Any) -> set[int]:
+    """The local and remote ports of one of ``psutil``'s connections."""
+    return {address.port for address in (connection.laddr, connection.raddr) if address}
 
 
 # -- a replica dies mid-request -----------------------------------------------------------
@@ -267,6 +261,23 @@ async def test_replica_hung_past_unhealthy_after_is_restarted() -> None:
             assert gone(pid) and pool.replicas[0].pid != pid
             assert pool.replicas[0].last_error is not None
             assert "hangs" in pool.replicas[0].last_error
+
+
+@pytest.mark.anyio
+async def test_scope_exits_in_bound_with_a_frozen_replica() -> None:
+    """Leaving the pool while a replica is SIGSTOPped: it is woken to take its SIGTERM
+    (or killed after its grace), and the scope ends in bound, nothing left running."""
+    config = process(unhealthy_after=30, shutdown_grace=5.0)
+    with anyio.fail_after(20):
+        async with open_pool(config, replicas=2, **QUICK) as pool:
+            await pool.wait_ready(2)
+            pid = pool.replicas[0].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            await eventually(lambda: pool.replicas[0].state == "unhealthy")
+            leaving = time.monotonic()
+        assert time.monotonic() - leaving < 3
+        assert gone(pid)
 
 
 # -- 5xx bursts and 429s ------------------------------------------------------------------
@@ -790,7 +801,8 @@ async def test_random_chaos_every_request_ends_exactly_once(
     """Invariants under any schedule of kills, hangs, bursts, 429s, cut connections and
     pauses: every request ends exactly once — answered, or refused (400) with
     ``BadRequest`` — and never twice (the replicas' answers are the answers); every load
-    counter is back at zero; the scope exits within its bound, leaving no task behind."""
+    counter is back at zero; the scope exits within its bound, leaving no task and no
+    connection behind (and no process: the leak check)."""
     outcomes: list[list[object]] = [[] for _ in requests]
     quick = {
         **QUICK,
@@ -823,9 +835,11 @@ async def test_random_chaos_every_request_ends_exactly_once(
                         tg.start_soon(chaos.play, *event)
                 settled(pool)
                 answered = sum(replica.answered for replica in pool.replicas)
+                ports = {int(str(r.base_url).rsplit(":", 1)[1]) for r in pool.replicas}
                 leaving = time.monotonic()
             assert time.monotonic() - leaving < 3
     assert {task.id for task in anyio.get_running_tasks()} <= tasks_before
+    assert [c for c in psutil.Process().net_connections("tcp") if ports & ends(c)] == []
     for (_, fault), outcome in zip(requests, outcomes, strict=True):
         assert len(outcome) == 1, outcome  # exactly once
         (result,) = outcome
