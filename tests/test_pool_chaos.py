@@ -31,6 +31,7 @@ from servescope import (
     BadRequest,
     EndpointConfig,
     Pool,
+    PoolFailed,
     open_pool,
 )
 from servescope._asgi import listen_socket, serve_asgi
@@ -667,6 +668,8 @@ async def test_crash_loop_spends_its_budget_and_stays_failed_while_others_serve(
             assert "exited with code 3 before it was ready" in crashed.last_error
             assert any("loading weights" in line for line in crashed.log_tail)
             assert any("bad checkpoint" in line for line in crashed.log_tail)
+            with pytest.raises(PoolFailed, match="only 2 replicas can still serve, 3 wanted"):
+                await pool.wait_ready(3)
             for _ in range(6):
                 await chat(pool)
             assert served(pool) == [0, 3, 3]
