@@ -293,7 +293,7 @@ async def test_replicas_info() -> None:
             now = pool.replicas
             assert [(r.answered, r.failed, r.in_flight) for r in now] == [(1, 1, 0), (2, 0, 0)]
             assert pool.metrics.succeeded == 3 and pool.metrics.retried == 1
-            assert "3 replicas" not in repr(pool) and "2 ready; running" in repr(pool)
+            assert repr(pool) == "<Pool 2 replicas: 2 ready; running>"
 
 
 @pytest.mark.anyio
@@ -349,7 +349,7 @@ async def test_load_pool_config_from_toml(tmp_path: Path) -> None:
             await pool.wait_ready(3)
             assert pool.settings == settings
             texts = {await chat(pool) for _ in range(6)}
-            assert texts == {"from"} or all("from" in text for text in texts)
+            assert texts == {"from the file"}
             assert served(pool) == [2, 2, 2]
 
 
