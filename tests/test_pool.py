@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -351,6 +352,23 @@ async def test_load_pool_config_from_toml(tmp_path: Path) -> None:
             texts = {await chat(pool) for _ in range(6)}
             assert texts == {"from the file"}
             assert served(pool) == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"replicas": 2, "min_ready": 3}, "min_ready=3 is more than replicas=2"),
+        ({"restart_backoff": 10, "restart_backoff_max": 1}, "restart_backoff is more"),
+        ({"replicas": 0}, "replicas"),
+        ({"routing": "fastest"}, "routing"),
+        ({"demote_after": float("inf")}, "demote_after"),
+    ],
+)
+def test_pool_settings_that_cannot_work_are_config_errors(
+    values: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(servescope.ConfigError, match=re.escape(problem)):
+        servescope.PoolConfig(**values)
 
 
 def test_load_pool_config_refuses_a_typo(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ._config import DAY, MAX_SECONDS, Integer, Number, PathText, Settings
 from ._health import Demotion
@@ -65,6 +65,14 @@ class PoolConfig(Settings):
     breaker_cooldown: Number = Field(default=30.0, ge=0, le=DAY)
     breaker_successes: Integer = Field(default=2, ge=1, le=1_000_000)
     min_ready: Integer = Field(default=1, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> PoolConfig:
+        if self.min_ready > self.replicas:
+            raise ValueError(f"min_ready={self.min_ready} is more than replicas={self.replicas}")
+        if self.restart_backoff > self.restart_backoff_max:
+            raise ValueError("restart_backoff is more than restart_backoff_max")
+        return self
 
     def demotion(self) -> Demotion:
         """When a replica leaves the rotation, and comes back."""
