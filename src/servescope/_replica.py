@@ -156,9 +156,8 @@ class Replica:
             logger.error("replica %d: in-flight count went below zero", self.index)
             self.in_flight = 0
         self.counts[outcome] += 1
-        if self.state not in TAKES_REQUESTS and self.state is not ReplicaState.UNHEALTHY:
-            return
-        if self.server is not None and self.server.failure is not None:
+        live = self.state in (ReplicaState.READY, ReplicaState.UNHEALTHY)
+        if not live or (self.server is not None and self.server.failure is not None):
             return
         if outcome is Outcome.ANSWERED:
             self.breaker.success(now)
