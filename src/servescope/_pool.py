@@ -21,6 +21,7 @@ also ends the scope) or the pool is stopped (``ServerClosed``). Control signals
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import os
@@ -320,7 +321,7 @@ class Pool:
     def _check_scope(self) -> None:
         """Raise if the pool failed for good or its scope has ended."""
         if self.failure is not None:
-            raise PoolFailed(self.failure.reason, replica_errors=self.failure.replica_errors)
+            raise copy.copy(self.failure)  # a copy per caller, as ServerState.check_open
         if self._closed:
             raise ServerClosed("the pool is closed; it takes no more requests")
 
