@@ -359,7 +359,7 @@ async def test_load_pool_config_from_toml(tmp_path: Path) -> None:
     [
         ({"replicas": 2, "min_ready": 3}, "min_ready=3 is more than replicas=2"),
         ({"restart_backoff": 10, "restart_backoff_max": 1}, "restart_backoff is more"),
-        ({"replicas": 0}, "replicas"),
+        ({"replicas": -1}, "replicas"),
         ({"routing": "fastest"}, "routing"),
         ({"demote_after": float("inf")}, "demote_after"),
     ],

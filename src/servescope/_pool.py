@@ -39,7 +39,7 @@ from anyio.abc import TaskGroup
 from ._client import Outcome, RequestClient, Target, Wire
 from ._config import ServerConfig
 from ._control import DISPATCHES, PoolState, Signal, control
-from ._errors import ConfigError, PoolFailed, RequestTimeout, ServerClosed
+from ._errors import ConfigError, ControlError, PoolFailed, RequestTimeout, ServerClosed
 from ._gpus import gpu_slices, slice_env, visible_devices
 from ._http import http_client
 from ._metrics import MetricsSnapshot
@@ -51,6 +51,7 @@ from ._responses import Completion
 from ._routing import Candidate, Policy, RouteKey, make_policy, prefix_of
 from ._scopes import one_exception, one_exception_cause
 from .backends._base import EngineConfig
+from .backends.endpoint import EndpointConfig
 
 __all__ = ["Pool", "open_pool"]
 
@@ -98,6 +99,7 @@ class _Dispatch:
                 replica = self._choose(tried, route)
                 if replica is not None:
                     replica.in_flight += 1
+                    replica.retries += bool(tried)
                     self.busy += 1
                     self.idle = anyio.Event() if self.idle.is_set() else self.idle
                     return replica
@@ -160,7 +162,7 @@ class _Dispatch:
         candidates = [Candidate(replica.index, replica.in_flight) for replica in fresh]
         chosen = self._policy.choose(candidates, route.key)
         self._pool._log_decision(route, len(tried) + 1, candidates, chosen.index)
-        return self._pool._replicas[chosen.index]
+        return next(replica for replica in fresh if replica.index == chosen.index)
 
     async def _wait(self, deadline: float) -> None:
         """Until a replica may take the request: a change, a breaker's cool-down ending,
@@ -190,10 +192,19 @@ class Pool:
     Valid inside the ``async with open_pool(...)`` block that produced it.
     """
 
-    def __init__(self, replicas: list[Replica], settings: PoolConfig, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        replicas: list[Replica],
+        settings: PoolConfig,
+        config: ServerConfig,
+        *,
+        open_membership: bool = False,
+    ) -> None:
         self._replicas = replicas
         self.settings = settings
         self.config = config
+        self.open_membership = open_membership
+        self._next_index = len(replicas)
         self.state = PoolState.RUNNING
         self.failure: PoolFailed | None = None
         self._closed = False
@@ -204,7 +215,8 @@ class Pool:
             self, make_policy(settings.routing, seed=settings.seed), config.request_timeout
         )
         secrets = [secret for replica in replicas for secret in replica.config.secrets()]
-        self._client = RequestClient(config, dispatch=self._dispatch, redact=Redactor(secrets))
+        self._redact = Redactor([*config.secrets(), *secrets])
+        self._client = RequestClient(config, dispatch=self._dispatch, redact=self._redact)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -254,20 +266,94 @@ class Pool:
         """Wait until ``min_ready`` replicas (default: the config's ``min_ready``) are
         ready; ``PoolFailed`` if too many have failed for good to get there."""
         wanted = self.settings.min_ready if min_ready is None else min_ready
-        if not 1 <= wanted <= len(self._replicas):
-            raise ConfigError(f"min_ready must be 1 to {len(self._replicas)}, not {wanted}")
+        most = 1024 if self.open_membership else len(self._replicas)
+        if not 1 <= wanted <= most:
+            raise ConfigError(f"min_ready must be 1 to {most}, not {wanted}")
         while True:
             self._check_open()
-            ready = sum(replica.state is ReplicaState.READY for replica in self._replicas)
-            if ready >= wanted:
+            if self.ready_count() >= wanted:
                 return
             able = sum(not replica.given_up for replica in self._replicas)
-            if able < wanted:
+            if able < wanted and not self.open_membership:
                 reasons = self._reasons(given_up_only=True)
                 raise PoolFailed(
                     f"only {able} replicas can still serve, {wanted} wanted: {reasons}"
                 )
             await self._dispatch.changed()
+
+    async def changed(self) -> None:
+        """Until a replica's state changes (or one joins or leaves)."""
+        await self._dispatch.changed()
+
+    def ready_count(self) -> int:
+        """How many replicas are ready now."""
+        return sum(replica.state is ReplicaState.READY for replica in self._replicas)
+
+    # -- membership -------------------------------------------------------------------------
+
+    def add_endpoint(self, url: str, *, api_key: str | None = None) -> int:
+        """A new replica: the OpenAI server someone else runs at ``url`` (checked before
+        it takes requests, then watched and re-checked for ever, as every endpoint
+        replica); its index. Only in a pool opened with ``open_membership=True``."""
+        self._check_open()
+        if not self.open_membership:
+            message = (
+                "this pool's replicas are fixed; open_pool(..., open_membership=True) takes more"
+            )
+            raise ControlError(message)
+        config = _endpoint_config(self.config, url, api_key)
+        http, wire = http_client(config)
+        replica = Replica(
+            self._next_index,
+            config,
+            wire,
+            http,
+            self.settings,
+            env={},
+            on_change=self._replica_changed,
+        )
+        self._next_index += 1
+        self._redact.add(config.secrets())
+        self._replicas.append(replica)
+        assert self._tg is not None
+        self._tg.start_soon(_run_with_client, replica, http)
+        logger.info("pool: replica %d added: %s", replica.index, self._redact(config.url))
+        self._dispatch.wake_all()
+        return replica.index
+
+    def member(self, index: int) -> Replica | None:
+        """The replica with this index, if it is in the pool."""
+        return next((replica for replica in self._replicas if replica.index == index), None)
+
+    async def remove(self, index: int, *, drain_timeout: float = 30.0) -> None:
+        """Take replica ``index`` out of the pool gently: no new request goes to it, those
+        on it finish (for at most ``drain_timeout`` s; the rest are sent elsewhere), then
+        it is stopped and forgotten."""
+        replica = self._known(index)
+        replica.drain()
+        with anyio.move_on_after(drain_timeout):
+            await replica.wait_idle()
+        await self._forget(replica)
+
+    async def eject(self, index: int, reason: str) -> None:
+        """Take replica ``index`` out of the pool now: the requests on it are sent to
+        other replicas at once."""
+        replica = self._known(index)
+        logger.warning("pool: replica %d ejected: %s", index, reason)
+        await self._forget(replica)
+
+    def _known(self, index: int) -> Replica:
+        replica = self.member(index)
+        if replica is None:
+            raise ControlError(f"the pool has no replica {index}")
+        return replica
+
+    async def _forget(self, replica: Replica) -> None:
+        replica.stop()
+        await replica.stopped.wait()
+        if replica in self._replicas:
+            self._replicas.remove(replica)
+        self._dispatch.wake_all()
 
     # -- control ----------------------------------------------------------------------------
 
@@ -337,6 +423,8 @@ class Pool:
         """A replica may take requests, or no longer: waiters look again; if none can
         ever serve again, the pool fails."""
         self._dispatch.wake_all()
+        if self.open_membership:
+            return  # replicas may still join: the pool serves whoever is there
         if self.failure is None and all(r.given_up for r in self._replicas):
             self.failure = PoolFailed(
                 f"every replica failed for good: {self._reasons(given_up_only=True)}",
@@ -402,12 +490,16 @@ def _resolve(
     config: ServerConfig | Sequence[ServerConfig],
     replicas: int | None,
     settings: Mapping[str, Any],
+    open_membership: bool,
 ) -> tuple[list[ServerConfig], PoolConfig]:
     """The replicas' configs and the pool's settings, checked."""
     if isinstance(config, ServerConfig):
         pool = PoolConfig.build(
             {**settings, **({} if replicas is None else {"replicas": replicas})}
         )
+        if pool.replicas == 0 and not open_membership:
+            message = "a pool of 0 replicas serves nothing (unless replicas join: open_membership)"
+            raise ConfigError(message)
         return [config] * pool.replicas, pool
     configs = list(config)
     if not configs or not all(isinstance(item, ServerConfig) for item in configs):
@@ -451,6 +543,7 @@ async def open_pool(
     config: ServerConfig | Sequence[ServerConfig],
     *,
     replicas: int | None = None,
+    open_membership: bool = False,
     **settings: Any,
 ) -> AsyncIterator[Pool]:
     """Start ``replicas`` copies of ``config`` (or one replica per config of a list);
@@ -460,8 +553,13 @@ async def open_pool(
     ...). A replica's failure is handled inside the pool (its requests re-sent, it is
     restarted); the scope fails with ``PoolFailed`` only when every replica has failed
     for good. On every way out every replica's process tree is torn down.
+
+    ``open_membership``: replicas may join (``add_endpoint``) and leave (``remove``,
+    ``eject``) while it runs, ``replicas=0`` is allowed (``config`` then only gives the
+    model and the request settings), and it never fails for want of replicas: it
+    waits for some to join.
     """
-    configs, pool_config = _resolve(config, replicas, settings)
+    configs, pool_config = _resolve(config, replicas, settings, open_membership)
     envs = await _gpu_envs(configs, pool_config)
     async with AsyncExitStack() as stack:
         wires: dict[int, tuple[Any, Wire]] = {}
@@ -480,7 +578,7 @@ async def open_pool(
             members.append(
                 Replica(index, item, wire, http, pool_config, env=env, on_change=changed)
             )
-        pool = Pool(members, pool_config, configs[0])
+        pool = Pool(members, pool_config, config_of(config), open_membership=open_membership)
         if pool_config.routing_log is not None:
             pool._routing_log = _open_routing_log(pool_config.routing_log)
         try:
@@ -499,6 +597,28 @@ async def open_pool(
             pool._end()
         if pool.failure is not None:
             raise pool.failure from None
+
+
+def config_of(config: ServerConfig | Sequence[ServerConfig]) -> ServerConfig:
+    """The config whose request settings the pool's client uses: the first."""
+    return config if isinstance(config, ServerConfig) else config[0]
+
+
+def _endpoint_config(template: ServerConfig, url: str, api_key: str | None) -> EndpointConfig:
+    """An endpoint replica at ``url`` with the pool's request settings; ``ConfigError``
+    naming what is wrong with the URL or key (never quoting the key)."""
+    fields = ("request_timeout", "connect_timeout", "max_concurrency", "max_retries", "use_chat")
+    values = {name: getattr(template, name) for name in fields}
+    values.update(url=url, model=template.model)
+    if api_key is not None:
+        values["api_key"] = api_key
+    return EndpointConfig.build(values)
+
+
+async def _run_with_client(replica: Replica, http: Any) -> None:
+    """A joined replica's life, its HTTP client closed at its end."""
+    async with http:
+        await replica.run()
 
 
 def _open_routing_log(path: Path) -> IO[str]:

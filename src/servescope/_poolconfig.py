@@ -24,7 +24,8 @@ class PoolConfig(Settings):
     """How a pool runs its replicas.
 
     Attributes:
-        replicas: how many copies of the one config to run (``open_pool(config)``).
+        replicas: how many copies of the one config to run (``open_pool(config)``); 0
+            only in a pool that replicas join (``open_membership``).
         gpus_per_replica: each replica's slice of the visible GPUs (``CUDA_VISIBLE_DEVICES``);
             default: tp·pp·dp for vLLM and SGLang, none for other backends.
         routing: ``least_loaded`` (default), ``round_robin``, ``power_of_two``, ``prefix``
@@ -48,7 +49,7 @@ class PoolConfig(Settings):
         min_ready: how many ready replicas ``pool.wait_ready()`` waits for by default.
     """
 
-    replicas: Integer = Field(default=1, ge=1, le=1024)
+    replicas: Integer = Field(default=1, ge=0, le=1024)
     gpus_per_replica: Integer | None = Field(default=None, ge=0, le=4096)
     routing: Routing = "least_loaded"
     seed: Integer | None = Field(default=None, ge=-(2**63), lt=2**63)
@@ -68,7 +69,7 @@ class PoolConfig(Settings):
 
     @model_validator(mode="after")
     def _reachable(self) -> PoolConfig:
-        if self.min_ready > self.replicas:
+        if self.replicas and self.min_ready > self.replicas:
             raise ValueError(f"min_ready={self.min_ready} is more than replicas={self.replicas}")
         if self.restart_backoff > self.restart_backoff_max:
             raise ValueError("restart_backoff is more than restart_backoff_max")

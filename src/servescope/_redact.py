@@ -54,6 +54,11 @@ class Redactor:
     def __bool__(self) -> bool:
         return bool(self._secrets)
 
+    def add(self, secrets: Iterable[str]) -> None:
+        """Blank these too from now on (a replica that joined a pool with its own key)."""
+        unique = {*self._secrets, *(s for s in secrets if len(s) >= MIN_SECRET_LENGTH)}
+        self._secrets = sorted(unique, key=len, reverse=True)
+
     def __call__(self, text: str) -> str:
         """``text`` with every known secret replaced by ``MASK``."""
         for secret in self._secrets:

@@ -112,12 +112,14 @@ class Replica:
         self.breaker = self._new_breaker()
         self.counts = collections.Counter[Outcome]()
         self.restarts = 0
+        self.retries = 0  # attempts sent to it that were retries of a request
         self.restart_times: collections.deque[float] = collections.deque()
         self.given_up = False
         self.last_error: ServerError | None = None
         self.stopped = anyio.Event()
         self._stop = anyio.Event()
         self._supervisor: Supervisor | None = None
+        self._idle: anyio.Event | None = None
 
     # -- as a request target --------------------------------------------------------------
 
@@ -155,6 +157,8 @@ class Replica:
         if self.in_flight < 0:  # a bug: never let it drift below zero
             logger.error("replica %d: in-flight count went below zero", self.index)
             self.in_flight = 0
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
         self.counts[outcome] += 1
         live = self.state in (ReplicaState.READY, ReplicaState.UNHEALTHY)
         if not live or (self.server is not None and self.server.failure is not None):
@@ -166,6 +170,12 @@ class Replica:
         elif outcome is Outcome.THROTTLED:
             cooldown = self.settings.breaker_cooldown if retry_after is None else retry_after
             self.breaker.cool(now, min(cooldown, self.config.retry_after_max))
+
+    async def wait_idle(self) -> None:
+        """Until no request is on it."""
+        while self.in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
 
     # -- its life ---------------------------------------------------------------------------
 
