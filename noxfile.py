@@ -53,10 +53,12 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: printed as a table and as JSON (``bench-results/``)."""
     install(session, "test")
+    session.install("sglang-router")  # bench_router.py's other side (a Rust router)
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_pool.py")
     session.run("python", "benchmarks/bench_generate.py")
     session.run("python", "benchmarks/bench_replicas.py")
+    session.run("python", "benchmarks/bench_router.py")
 
 
 @nox.session
