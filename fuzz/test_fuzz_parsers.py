@@ -21,6 +21,7 @@ from servescope._loadconfig import BACKENDS, read_config_file
 from servescope._logscan import LineClassifier, LineKind, LineSplitter
 from servescope._responses import parse_completion, parse_json
 from servescope._retry import parse_retry_after
+from servescope._sse import Event, SSEDecoder, encode_data
 from servescope._transport import MAX_BODY, bad_header
 from servescope.backends._base import ProcessConfig
 from servescope.backends.custom import CUSTOM_PATTERNS
@@ -363,3 +364,38 @@ def test_resume_on_any_output_file(tmp_path_factory: Any, data: bytes) -> None:
         return
     assert path.read_bytes() == data[: path.stat().st_size]  # only a torn tail is cut
     assert len(done) <= data.count(b"\n")
+
+
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=12), st.integers(1, 64))
+def test_sse_decoder(stream: bytes, cuts: list[int], cap: int) -> None:
+    """Any bytes, split anywhere, under any cap: the same events (or the same error, after
+    a prefix of them) as fed whole, never another exception, never more buffered than the cap.
+    """
+
+    def run(pieces: list[bytes]) -> tuple[list[Event], bool]:
+        decoder, events = SSEDecoder(max_event_bytes=cap), []
+        try:
+            for piece in pieces:
+                events += decoder.feed(piece)
+                assert len(decoder._buffer) <= cap
+        except RequestError:
+            return events, True
+        return events, False
+
+    whole, whole_failed = run([stream])
+    points = sorted(min(cut, len(stream)) for cut in cuts)
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    split, split_failed = run(pieces)
+    reference = SSEDecoder(max_event_bytes=1 << 20).feed(stream)
+    assert split_failed == whole_failed
+    assert split == reference[: len(split)]
+    assert whole_failed or split == whole == reference
+    for event in split:
+        assert encode_data(event.data).endswith(b"\n\n")
+
+
+@given(st.text(max_size=200))
+def test_sse_encoding_round_trips(data: str) -> None:
+    events = SSEDecoder().feed(encode_data(data))
+    expected = data.replace("\r\n", "\n").replace("\r", "\n")
+    assert [event.data for event in events] == [expected.encode("utf-8", "replace").decode()]
