@@ -455,3 +455,157 @@ async def test_endless_chunked_body_ends_at_the_cap(monkeypatch: pytest.MonkeyPa
         with anyio.fail_after(5), pytest.raises(httpx.RemoteProtocolError, match="over"):
             await transport.post(url, b"{}")
         await transport.aclose()
+
+
+# -- streamed responses ------------------------------------------------------------------
+
+
+class Stepper:
+    """A server whose answer a test writes piece by piece (``say``), that reports how each
+    connection ended (``closed``: the client closed it) and counts connections."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[bytes | None](100)
+        self.connections = 0
+        self.closed = anyio.Event()
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        async with stream, anyio.create_task_group() as tg:
+
+            async def watch() -> None:  # EOF from the client: it closed the connection
+                try:
+                    while await stream.receive():
+                        pass
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    self.closed.set()
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            async for piece in self.receive:
+                if piece is None:
+                    break
+                await stream.send(piece)
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def stepper() -> AsyncIterator[tuple[Stepper, str]]:
+    server = Stepper()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with server.send, server.receive, listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server.handle)
+        with anyio.fail_after(10):
+            yield server, f"http://127.0.0.1:{port}/v1/chat/completions"
+        tg.cancel_scope.cancel()
+
+
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_stream_hands_out_each_piece_as_it_arrives() -> None:
+    async with stepper() as (server, url):
+        transport = SlotTransport()
+        await server.send.send(CHUNKED_HEAD)
+        response = await transport.open_stream(url, b"{}")
+        assert response.status == 200
+        assert response.header(b"content-type") == "text/event-stream"
+        for piece in (b"data: 1\n\n", b"data: 2\n\n"):  # the next is sent only once read
+            await server.send.send(chunk(piece))
+            assert await response.receive() == piece
+        await server.send.send(b"0\r\n\r\n")
+        assert await response.receive() == b""
+        assert response.complete
+        assert await response.receive() == b""  # and stays so
+        assert transport._idle  # the connection went back for reuse
+        await transport.aclose()
+
+
+async def test_stream_of_a_content_length_body_reuses_the_connection() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        url = f"http://127.0.0.1:{server.port}/v1/x"
+        for _ in range(2):
+            response = await transport.open_stream(url, b"{}")
+            assert [piece async for piece in response] == [b"{}"]
+            assert response.complete
+        reply = await transport.post(url, b"{}")
+        assert reply.content == b"{}"
+        await transport.aclose()
+    assert server.connections == 1
+
+
+async def test_stream_of_a_close_delimited_body() -> None:
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: x\n\n"
+    async with raw_server(always(answer, close=True)) as server:
+        transport = SlotTransport()
+        for _ in range(2):  # the closed connection is not reused
+            response = await transport.open_stream(f"http://127.0.0.1:{server.port}/", b"{}")
+            assert b"".join([piece async for piece in response]) == b"data: x\n\n"
+            assert response.complete
+        await transport.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_stopping_early_closes_the_connection(how: str) -> None:
+    async with stepper() as (server, url):
+        transport = SlotTransport()
+        await server.send.send(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+        response = await transport.open_stream(url, b"{}")
+        assert await response.receive() == b"data: 1\n\n"
+        if how == "aclose":
+            await response.aclose()
+        else:
+            with anyio.move_on_after(0.05):
+                await response.receive()  # nothing more comes: cancelled while reading
+        await server.closed.wait()  # the server sees the client go: it can abort
+        with pytest.raises(httpx.ReadError):
+            await response.receive()
+        assert not transport._idle
+        await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (CHUNKED_HEAD + chunk(b"data: 1\n\n"), httpx.RemoteProtocolError),  # cut: no last chunk
+        (CHUNKED_HEAD + b"zz\r\n", httpx.RemoteProtocolError),  # broken chunked framing
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", httpx.RemoteProtocolError),
+    ],
+)
+async def test_a_broken_body_is_an_error_and_the_connection_is_dropped(
+    answer: bytes, error: type[Exception]
+) -> None:
+    async with raw_server(always(answer, close=True)) as server:
+        transport = SlotTransport()
+        response = await transport.open_stream(f"http://127.0.0.1:{server.port}/", b"{}")
+        with pytest.raises(error):
+            async for _ in response:
+                pass
+        assert not response.complete and not transport._idle
+        await transport.aclose()
+
+
+async def test_stream_errors_before_the_head_are_httpx_errors() -> None:
+    async with raw_server(always(b"", close=True)) as server:
+        transport = SlotTransport()
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await transport.open_stream(f"http://127.0.0.1:{server.port}/", b"{}")
+        with pytest.raises(httpx.LocalProtocolError, match="x-key"):
+            await transport.open_stream(
+                f"http://127.0.0.1:{server.port}/", b"{}", [(b"x-key", b"secret\n")]
+            )
+        assert not transport._idle
+        await transport.aclose()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(httpx.ConnectError):
+            await SlotTransport().open_stream(f"http://127.0.0.1:{sock.getsockname()[1]}/", b"")

@@ -19,6 +19,13 @@ urllib cannot parse is ``InvalidURL``, a header HTTP cannot carry is
 Bodies are read whole (completion responses are small, and capped at ``MAX_BODY``);
 httpx gets them as a stream, so that a reader that wants only the status or the first
 bytes does not have httpx decode the rest.
+
+``SlotTransport.open_stream`` is the streamed path (``"stream": true``): it returns once
+the response's head has come, and its ``ResponseStream`` hands out the body's pieces as
+they arrive (chunked, content-length or close-delimited: h11 frames them). A body read
+to its end gives its connection back for reuse; one left unfinished (closed early, a
+failed or cancelled read) closes it, which is how an engine learns that its client went
+away and aborts the generation.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import anyio.abc
 import h11
 import httpx
 
-__all__ = ["MAX_BODY", "Reply", "SlotTransport", "bad_header"]
+__all__ = ["MAX_BODY", "Reply", "ResponseStream", "SlotTransport", "bad_header"]
 
 MAX_BODY = 64 * 1024 * 1024
 """A response body larger than this is a protocol error (a server that lies about sizes)."""
@@ -103,22 +110,7 @@ class _Connection:
     async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
         """Send one request and read its whole response."""
         conn = self.h11
-        headers = [item for item in headers if item[0].lower() not in _FRAMING]
-        headers.append((b"content-length", str(len(body)).encode()))
-        try:
-            events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
-        except h11.LocalProtocolError as exc:
-            # Not chained: h11's message quotes the bad header's value, which may be a secret.
-            problem = bad_header(headers) or f"HTTP/1.1 cannot carry this request: {exc}"
-            raise httpx.LocalProtocolError(problem) from None
-        if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        data = b"".join(conn.send(event) or b"" for event in events)
-        try:
-            await self.stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
+        await self.send_request(method, target, headers, body)
         status, response_headers, chunks, size = 0, [], [], 0
         while True:
             try:
@@ -152,9 +144,137 @@ class _Connection:
             self.idle_since = time.monotonic()
         return Reply(status, response_headers, b"".join(chunks))
 
+    async def send_request(
+        self, method: bytes, target: bytes, headers: Headers, body: bytes
+    ) -> None:
+        """Write one whole request (its framing headers ours, from ``body``)."""
+        conn = self.h11
+        headers = [item for item in headers if item[0].lower() not in _FRAMING]
+        headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
+        except h11.LocalProtocolError as exc:
+            # Not chained: h11's message quotes the bad header's value, which may be a secret.
+            problem = bad_header(headers) or f"HTTP/1.1 cannot carry this request: {exc}"
+            raise httpx.LocalProtocolError(problem) from None
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        data = b"".join(conn.send(event) or b"" for event in events)
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
+
+    async def next_event(self, answered: bool) -> h11.Event:
+        """The next response event, reading as needed (``answered``: its head has come)."""
+        conn = self.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(f"broken HTTP response: {exc}") from exc
+            if event is h11.PAUSED:  # never: nothing reads past the end of its response
+                raise httpx.RemoteProtocolError("read past the end of the response")
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                received = await self.stream.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                received = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise httpx.ReadError(f"reading the response failed: {exc!r}") from exc
+            if not received and not answered:
+                raise httpx.RemoteProtocolError("server closed the connection without answering")
+            conn.receive_data(received)
+
+    def end_exchange(self) -> None:
+        """After a whole response: ready for the next request if both sides allow it."""
+        conn = self.h11
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self.idle_since = time.monotonic()
+
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
+
+
+class ResponseStream:
+    """A response read as it arrives: ``status`` and ``headers``, then ``receive()`` (or
+    ``async for``) gives the body's pieces.
+
+    Once the body is complete the connection goes back to its transport's idle stack; if
+    reading fails, is cancelled, or stops early (``aclose`` before the end), the
+    connection is closed instead — which is how a server learns that its client is gone
+    (vLLM and SGLang then abort the generation).
+    """
+
+    def __init__(
+        self,
+        transport: SlotTransport,
+        origin: Origin,
+        connection: _Connection,
+        status: int,
+        headers: Headers,
+    ) -> None:
+        self._transport = transport
+        self._origin = origin
+        self._connection: _Connection | None = connection
+        self.status = status
+        self.headers = headers
+        self.complete = False
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), if any."""
+        return Reply(self.status, self.headers, b"").header(name)
+
+    async def receive(self) -> bytes:
+        """The next piece of the body (never empty), or ``b""`` once it is complete.
+
+        Errors are httpx's: ``ReadError``, ``RemoteProtocolError`` (a broken or cut
+        body); after one, or after ``aclose``, the stream is closed and reads fail."""
+        connection = self._connection
+        if connection is None:
+            if self.complete:
+                return b""
+            raise httpx.ReadError("the response stream is closed")
+        try:
+            while True:
+                event = await connection.next_event(answered=True)
+                if isinstance(event, h11.Data):
+                    if event.data:
+                        return bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    message = "server disconnected without a complete response"
+                    raise httpx.RemoteProtocolError(message)
+        except BaseException:
+            await self.aclose()
+            raise
+        self.complete, self._connection = True, None
+        connection.end_exchange()
+        if connection.idle:
+            self._transport._idle.setdefault(self._origin, []).append(connection)
+        else:
+            await connection.aclose()
+        return b""
+
+    async def aclose(self) -> None:
+        """Stop reading: an unfinished response's connection is closed (idempotent)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.aclose()
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.receive()
+        if not data:
+            raise StopAsyncIteration
+        return data
 
 
 class SlotTransport(httpx.AsyncBaseTransport):
@@ -192,6 +312,38 @@ class SlotTransport(httpx.AsyncBaseTransport):
             *headers,
         ]
         return self.send(origin, b"POST", target, request_headers, body)
+
+    async def open_stream(
+        self,
+        url: str,
+        body: bytes,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> ResponseStream:
+        """POST ``body`` (JSON) to ``url``; return once the response's head has come.
+
+        The body is then read with the stream's ``receive`` (the caller bounds the time
+        of each call), and the stream must be closed (``aclose``) by whoever stops
+        reading before its end. Anything failing before the head is back closes the
+        connection and raises httpx's error, as ``post`` does.
+        """
+        origin, target = self._split(url)
+        request_headers = [
+            (b"host", _host_header(origin)),
+            (b"user-agent", _USER_AGENT),
+            (b"content-type", b"application/json"),
+            *headers,
+        ]
+        connection = await self._take(origin) or await self._connect(origin)
+        try:
+            await connection.send_request(b"POST", target, request_headers, body)
+            while True:  # 1xx heads are skipped; an end before the head raises
+                event = await connection.next_event(answered=False)
+                if isinstance(event, h11.Response):
+                    break
+        except BaseException:
+            await connection.aclose()
+            raise
+        return ResponseStream(self, origin, connection, event.status_code, list(event.headers))
 
     async def send(
         self,
