@@ -228,22 +228,9 @@ def start_replicas(procs: Processes, count: int = 2) -> list[tuple[Started, str]
 def sglang_command(workers: Sequence[str], port: int, extra: Sequence[str]) -> list[str]:
     """SGLang's router in front of ``workers``, its metrics on another port of 127.0.0.1."""
     return [
-        sys.executable,
-        "-m",
-        "sglang_router.launch_router",
-        "--worker-urls",
-        *workers,
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--prometheus-host",
-        HOST,
-        "--prometheus-port",
-        str(free_port()),
-        "--policy",
-        "round_robin",
-        *extra,
+        *(sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *workers),
+        *("--host", HOST, "--port", str(port), "--policy", "round_robin"),
+        *("--prometheus-host", HOST, "--prometheus-port", str(free_port()), *extra),
     ]
 
 
