@@ -30,6 +30,8 @@ EXPECTED = {
     "ServerConfig",
     "ServerError",
     "ServerStartError",
+    "StreamInterrupted",
+    "Chunk",
     "Usage",
     "VLLMConfig",
     "load_config",
@@ -55,5 +57,5 @@ def test_error_tree() -> None:
         assert issubclass(getattr(servescope, name), servescope.ServeError)
     assert issubclass(servescope.ServerStartError, servescope.ServerError)
     assert issubclass(servescope.ServerCrashed, servescope.ServerError)
-    for name in ("BadRequest", "RetriesExhausted", "RequestTimeout"):
+    for name in ("BadRequest", "RetriesExhausted", "RequestTimeout", "StreamInterrupted"):
         assert issubclass(getattr(servescope, name), servescope.RequestError)

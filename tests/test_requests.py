@@ -356,6 +356,7 @@ class FixedTarget:
         self.lost = False
         self.attempts: set[anyio.CancelScope] = set()
         self.released: list[Outcome] = []
+        self.first_bytes: list[float] = []
 
     def route(self, payload: Mapping[str, Any], routing_key: str | None) -> None:
         return None
@@ -374,6 +375,9 @@ class FixedTarget:
 
     def waiting(self) -> int:
         return 0
+
+    def first_byte(self, target: Target, seconds: float) -> None:
+        self.first_bytes.append(seconds)
 
 
 @asynccontextmanager

@@ -18,6 +18,7 @@ from ._errors import ServerClosed as ServerClosed
 from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError
+from ._errors import StreamInterrupted as StreamInterrupted
 from ._loadconfig import load_config as load_config
 from ._loadconfig import load_pool_config as load_pool_config
 from ._metrics import MetricsSnapshot as MetricsSnapshot
@@ -25,6 +26,7 @@ from ._pool import Pool as Pool
 from ._pool import open_pool as open_pool
 from ._poolconfig import PoolConfig as PoolConfig
 from ._replica import ReplicaInfo as ReplicaInfo
+from ._responses import Chunk as Chunk
 from ._responses import Completion as Completion
 from ._responses import Usage as Usage
 from ._server import Server as Server

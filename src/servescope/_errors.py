@@ -15,7 +15,8 @@ OS exception, or a pydantic ``ValidationError``::
      └─ RequestError           one request failed (malformed response, transport failure)
          ├─ BadRequest         the request itself is refused (4xx, or unsendable); never retried
          ├─ RetriesExhausted   a retryable failure persisted through every retry
-         └─ RequestTimeout     no answer within the request timeout
+         ├─ RequestTimeout     no answer within the request timeout
+         └─ StreamInterrupted  a streamed answer broke off after its first bytes
 
 A ``ServerError`` is fatal for the whole server scope: it cancels the body of
 ``async with open_server(...)`` and is raised from it. A ``RequestError`` is
@@ -39,6 +40,7 @@ __all__ = [
     "ServerCrashed",
     "ServerError",
     "ServerStartError",
+    "StreamInterrupted",
 ]
 
 
@@ -137,3 +139,13 @@ class RetriesExhausted(RequestError):
 
 class RequestTimeout(RequestError):
     """The server did not answer within the request timeout."""
+
+
+class StreamInterrupted(RequestError):
+    """A streamed answer broke off after its first bytes had been handed out: the
+    connection broke, the server stopped sending for longer than the request timeout,
+    the server failed, it reported an error inside the stream, or the stream ended
+    without its end marker (``data: [DONE]``).
+
+    Part of the answer was already consumed, so it is never retried: the caller decides.
+    """

@@ -129,6 +129,9 @@ class _Dispatch:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def first_byte(self, target: Target, seconds: float) -> None:
+        """A stream's first body bytes came from ``target`` after ``seconds``."""
+
     def wake_one(self) -> None:
         """A slot was freed: the longest waiter may take it."""
         while self._waiters:

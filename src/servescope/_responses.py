@@ -10,6 +10,12 @@ status                                     outcome
 408, 429, 500, 502, 503, 504               retryable
 any other                                  RequestError, not retried
 ========================================  =====================================
+
+A streamed answer (``"stream": true``) is a sequence of chunks, each parsed by
+``parse_chunk`` as a whole answer is by ``parse_completion``: the same fields (text,
+reasoning, finish reason, usage) as deltas. A chunk carrying ``{"error": ...}`` (what
+vLLM and SGLang send when generation fails mid-stream) raises ``StreamInterrupted``
+with the server's message.
 """
 
 from __future__ import annotations
@@ -19,16 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from ._errors import BadRequest, RequestError
+from ._errors import BadRequest, RequestError, StreamInterrupted
 
 __all__ = [
     "BAD_REQUEST_STATUSES",
     "RETRYABLE_STATUSES",
+    "Chunk",
     "Completion",
     "Redact",
     "Usage",
     "classify_status",
     "excerpt",
+    "parse_chunk",
     "parse_completion",
     "parse_json",
     "usage_of",
@@ -67,6 +75,29 @@ class Completion:
     finish_reason: str | None
     usage: Usage
     reasoning: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a streamed answer.
+
+    Attributes:
+        text: the text it adds (``delta.content`` for chat, ``text`` otherwise; ``""``
+            if none, as in a chunk that only carries a role or the usage).
+        finish_reason: why generation stopped, in the chunk that says so, else ``None``.
+        usage: token counts, in a chunk that has them (``stream_options``
+            ``{"include_usage": true}`` asks for a last one), else ``None``.
+        reasoning: the reasoning text it adds (``reasoning`` or ``reasoning_content``), if any.
+        index: the choice it belongs to (several with ``n`` > 1).
+        raw: the chunk as the server sent it.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    reasoning: str | None = None
+    index: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -140,6 +171,55 @@ def parse_completion(response: dict[str, Any], redact: Redact | None = None) -> 
         usage=usage_of(response),
         reasoning=reasoning,
         raw=response,
+    )
+
+
+def parse_chunk(chunk: dict[str, Any], redact: Redact | None = None) -> Chunk:
+    """A ``Chunk`` from one streamed chat or text completion chunk.
+
+    A chunk without choices is fine (the last, usage-only one); an ``error`` member
+    raises ``StreamInterrupted`` with the server's message; anything mistyped raises
+    ``RequestError`` naming it — never ``KeyError``.
+    """
+    error = chunk.get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else error
+        said = message if isinstance(message, str) else _quote(error, None)
+        raise StreamInterrupted(
+            f"the server reported an error mid-stream: {excerpt(said, redact=redact)}"
+        )
+    usage = usage_of(chunk) if isinstance(chunk.get("usage"), dict) else None
+    choices = chunk.get("choices", [])
+    if not isinstance(choices, list):
+        raise RequestError(f"stream chunk has choices that are not a list: {_quote(chunk, redact)}")
+    if not choices:
+        return Chunk(text="", usage=usage, raw=chunk)
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise RequestError(
+            f"stream chunk has a choice that is not an object: {_quote(chunk, redact)}"
+        )
+    delta = choice.get("delta")
+    text: Any
+    reasoning: Any = None
+    if isinstance(delta, dict):
+        text = delta.get("content")
+        reasoning = delta.get("reasoning_content", delta.get("reasoning"))
+    else:
+        text = choice.get("text")
+    if text is None:
+        text = ""
+    if not isinstance(text, str) or not isinstance(reasoning, str | None):
+        raise RequestError(f"stream chunk text is not a string: {_quote(choice, redact)}")
+    finish = choice.get("finish_reason")
+    index = choice.get("index", 0)
+    return Chunk(
+        text=text,
+        finish_reason=finish if isinstance(finish, str) else None,
+        usage=usage,
+        reasoning=reasoning,
+        index=index if isinstance(index, int) and not isinstance(index, bool) else 0,
+        raw=chunk,
     )
 
 

@@ -15,12 +15,12 @@ caller gets that one exception, never an ``ExceptionGroup``. Requests go through
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
 
-from ._client import Outcome, RequestClient, Target
+from ._client import ChunkStream, Outcome, RawStream, RequestClient, Target
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
 from ._http import http_client
@@ -28,6 +28,7 @@ from ._metrics import MetricsSnapshot
 from ._responses import Completion
 from ._scopes import one_exception, one_exception_cause
 from ._supervisor import ServerState, Supervisor
+from ._transport import Reply
 
 __all__ = ["Server", "open_server"]
 
@@ -100,6 +101,44 @@ class Server:
         # Not itself a coroutine: one frame less per request held in flight.
         return self._requests().request(payload, path=path, headers=headers)
 
+    def request_raw(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Coroutine[Any, Any, Reply]:
+        """As ``request``, but await the final reply (status, headers, body) unparsed; a
+        4xx no retry can help is returned as it came, not raised (for a proxy)."""
+        return self._requests().request_raw(payload, path=path, headers=headers)
+
+    def stream_raw(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AbstractAsyncContextManager[RawStream]:
+        """``async with server.stream_raw(payload) as stream``: the answer's status and
+        headers, then its raw body as it arrives (``async for piece in stream``).
+
+        Retried only before the first body bytes; a break after them raises
+        ``StreamInterrupted``. Leaving the block early closes the connection (the engine
+        aborts). The payload is sent as given (with ``"stream": true`` for SSE).
+        """
+        return self._requests().stream_raw(payload, path=path, headers=headers)
+
+    def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> ChunkStream:
+        """A streamed chat completion: ``async for chunk in server.stream_chat(...)``, or
+        ``async with server.stream_chat(...) as chunks`` (which closes the connection if
+        left early); each ``Chunk`` has its text delta. Ends at ``[DONE]``; an answer
+        broken off, or an error event from the server, raises ``StreamInterrupted``."""
+        return self._requests().stream_chat(messages, **params)
+
+    def stream_complete(self, prompt: str, **params: Any) -> ChunkStream:
+        """A streamed text completion of ``prompt``, as ``stream_chat``."""
+        return self._requests().stream_complete(prompt, **params)
+
     @property
     def metrics(self) -> MetricsSnapshot:
         """Request counts, tokens, tokens per second, latency percentiles, in flight, waiting."""
@@ -164,6 +203,9 @@ class _OneServer:
 
     def waiting(self) -> int:
         return self._limiter.statistics().tasks_waiting
+
+    def first_byte(self, target: Target, seconds: float) -> None:
+        return None  # one server: nothing to route by
 
 
 @asynccontextmanager
