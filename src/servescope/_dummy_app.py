@@ -2,6 +2,11 @@
 
 Shared by the in-process dummy (served by hypercorn inside the server's task group)
 and the subprocess fake engine (``python -m servescope.dummy``).
+
+A streamed answer (``"stream": true``) goes out as server-sent events, one chunk per
+word, ``token_latency`` seconds apart, then ``data: [DONE]``. While it streams, the app
+watches for the client going away (ASGI ``http.disconnect``) and stops at once, as vLLM
+aborts a request whose client disconnected: ``in_flight`` (``GET /dummy/stats``) drops.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class DummySettings:
     completion_tokens: int = 100
     latency: float = 0.0
     api_key: str | None = None  # if set, /v1/ routes require "Authorization: Bearer KEY"
+    token_latency: float = 0.0  # seconds between the chunks of a streamed answer
 
 
 class _HTTPError(Exception):
@@ -121,7 +127,7 @@ class DummyApp:
         if self.on_request is not None:
             self.on_request(method, path, status)
         if isinstance(payload, list):
-            await _send_events(send, payload)
+            await _send_events(send, receive, payload, self.settings.token_latency)
         else:
             await _send_json(send, status, payload, fault)
 
@@ -315,13 +321,28 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], fault: Fa
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_events(send: Send, chunks: list[dict[str, Any]]) -> None:
+async def _send_events(
+    send: Send, receive: Receive, chunks: list[dict[str, Any]], token_latency: float
+) -> None:
+    """Stream ``chunks`` as events, ``token_latency`` apart; stop as soon as the client
+    disconnects (watched alongside)."""
     headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    for chunk in chunks:
-        data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()  # the client is gone: abort, as an engine does
+
+        tg.start_soon(watch)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for number, chunk in enumerate(chunks):
+            if number and token_latency > 0:
+                await anyio.sleep(token_latency)
+            data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        tg.cancel_scope.cancel()
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

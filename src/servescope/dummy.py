@@ -16,6 +16,7 @@ behaviours a supervisor must survive, each timed in seconds from start::
     --fault 'status=503' --fault-rate 0.2 --fault-seed 1   seeded random faults
     --replay FILE              play a transcript of a real engine's output (below)
     --api-key-env VLLM_API_KEY   /v1/ routes require the key that variable holds
+    --token-latency 0.05       seconds between the chunks of a streamed answer
 
 A transcript (``tests/transcripts/*.log``) is printed line by line; ``{port}`` is
 replaced by the port; lines starting with ``#`` are comments and lines starting with
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--text", default=DEFAULT_TEXT)
     add("--completion-tokens", type=int, default=100)
     add("--latency", type=float, default=0.0)
+    add("--token-latency", type=float, default=0.0, metavar="SECONDS")
     add("--ready-after", type=float, default=0.0)
     add("--never-ready", action="store_true")
     add("--ready-line", default=READY_LINE)
@@ -171,7 +173,14 @@ def _write_pid_file(path: Path, children: list[int]) -> None:
 def _settings(args: argparse.Namespace) -> DummySettings:
     """What the app answers, from the options (the API key from ``--api-key-env``)."""
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    return DummySettings(args.model, args.text, args.completion_tokens, args.latency, key)
+    return DummySettings(
+        args.model,
+        args.text,
+        args.completion_tokens,
+        args.latency,
+        key,
+        token_latency=args.token_latency,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -25,6 +25,7 @@ class DummyConfig(ServerConfig):
         text: the completion text of every answer.
         completion_tokens: the completion token count reported (capped by ``max_tokens``).
         latency: seconds each completion takes.
+        token_latency: seconds between the chunks of a streamed completion.
         faults / fault_rate / fault_seed: a seeded random fault schedule — each completion
             request, with probability ``fault_rate``, gets one of the ``faults``
             directives (see ``servescope._faults``: ``status=503,retry-after=1``,
@@ -37,6 +38,7 @@ class DummyConfig(ServerConfig):
     text: str = DEFAULT_TEXT
     completion_tokens: Integer = Field(default=100, ge=1, le=1_000_000)
     latency: Number = Field(default=0.0, ge=0, le=3_600)
+    token_latency: Number = Field(default=0.0, ge=0, le=3_600)
     faults: tuple[str, ...] = ()
     fault_rate: Number = Field(default=0.0, ge=0, le=1)
     fault_seed: Integer = Field(default=0, ge=-(2**63), le=2**63 - 1)
@@ -50,7 +52,13 @@ class DummyConfig(ServerConfig):
 
     def settings(self) -> DummySettings:
         """What the dummy app answers."""
-        return DummySettings(self.model, self.text, self.completion_tokens, self.latency)
+        return DummySettings(
+            self.model,
+            self.text,
+            self.completion_tokens,
+            self.latency,
+            token_latency=self.token_latency,
+        )
 
     def fault_schedule(self) -> FaultSchedule:
         """A fresh seeded fault schedule."""
