@@ -4,6 +4,7 @@ hostile servers sending broken event streams."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import uuid
@@ -187,6 +188,27 @@ async def test_leaving_early_closes_the_connection_and_the_engine_stops(where: s
         # The slot is back: another stream goes through whole.
         chunks_after = await collect(server.stream_complete("x"))
         assert "".join(c.text for c in chunks_after) == DEFAULT_TEXT
+
+
+async def test_one_task_may_hold_several_streams_open() -> None:
+    async with open_server(DummyConfig(max_concurrency=2)) as server:
+        async with server.stream_chat(MESSAGES) as first, server.stream_complete("x") as second:
+            texts = ["".join(c.text for c in await collect(s)) for s in (first, second)]
+        assert texts == [DEFAULT_TEXT, DEFAULT_TEXT]
+        assert server.metrics.succeeded == 2
+
+
+# Left without ``async with``, the socket is closed when collected, with a ResourceWarning.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_bare_async_for_left_early_gives_its_slot_back() -> None:
+    async with open_server(DummyConfig(max_concurrency=1, token_latency=0.05)) as server:
+        async for _ in server.stream_chat(MESSAGES):
+            break
+        gc.collect()
+        assert server.metrics.in_flight == 0
+        chunks = await collect(server.stream_chat(MESSAGES))  # the one slot is free
+        assert "".join(c.text for c in chunks) == DEFAULT_TEXT
 
 
 async def test_stream_from_a_subprocess_dummy() -> None:

@@ -15,6 +15,17 @@ Classification (see ``_responses`` for statuses): connection errors, timeouts an
 413/422 raise ``BadRequest`` at once; a 2xx whose body is not the JSON object it
 should be raises ``RequestError`` at once, with an excerpt of what came back.
 
+``request_raw`` follows the same rules but hands back the final ``Reply`` unparsed, a
+4xx no retry can help included (for a proxy to pass through). A streamed request
+(``stream_raw``; ``stream_chat`` and ``stream_complete`` parse its server-sent events
+into ``Chunk``s) follows them only until its first body bytes are handed out: the
+attempt holds its target until the body ends, each read has its own deadline
+(``request_timeout``, the longest gap allowed) and its own scope in ``Target.attempts``
+(never held across a ``yield``), and anything going wrong after the first bytes —
+a broken body, a stall, the target failing, an error event, no ``[DONE]`` — raises
+``StreamInterrupted``, never a truncated answer. Leaving a stream early closes its
+connection, which is how an engine learns to abort the generation.
+
 A request that cannot be sent at all — a payload that is not strict JSON, a header
 HTTP cannot carry, a path that is not text — is ``BadRequest`` with ``status_code``
 ``None``, before anything goes on the wire; a server URL that cannot be used is a
@@ -492,12 +503,13 @@ class RequestClient:
         dispatch.check_open()
         self._metrics.started += 1
         try:
-            config, started = self._config, time.monotonic()
+            config, started = self._config, 0.0
             extra = encode_headers(headers) if headers else []
             route = dispatch.route(payload, routing_key)
             tried: list[Target] = []
             for retry in range(config.max_retries + 1):
                 target = await dispatch.acquire(tried, route)
+                started = started or time.monotonic()
                 result: _Opened | _Retry | _Refused | None = None
                 self._metrics.in_flight += 1
                 try:
@@ -843,6 +855,15 @@ class RawStream:
         if self._target is not None:
             await self._response.aclose()
             self._finish(Outcome.ANSWERED, ok=self._ok)
+
+    def __del__(self) -> None:
+        # Left unfinished without ``aclose`` (a bare ``async for`` left by ``break``):
+        # give the slot back at least; the connection closes as its socket is collected.
+        if self._target is not None:
+            try:
+                self._finish(Outcome.ABANDONED, ok=None)
+            except Exception:  # pragma: no cover - a finalizer must not raise
+                pass
 
     def _interrupt(self, message: str, target: Target) -> StreamInterrupted:
         self._finish(Outcome.LOST if target.lost else Outcome.FAILED, ok=False)

@@ -173,11 +173,14 @@ class Server:
 
 class _OneServer:
     """Every attempt goes to the one server, once it is ready, holding one of its
-    ``max_concurrency`` slots while it is on the wire."""
+    ``max_concurrency`` slots while it is on the wire.
+
+    A semaphore, not a ``CapacityLimiter``: a limiter lends one token per task, and one
+    task may hold several streams open at once (each holds its slot until it ends)."""
 
     def __init__(self, state: ServerState) -> None:
         self._state = state
-        self._limiter = anyio.CapacityLimiter(state.config.max_concurrency)
+        self._limiter = anyio.Semaphore(state.config.max_concurrency)
 
     def route(self, payload: Mapping[str, Any], routing_key: str | None) -> None:
         return None
