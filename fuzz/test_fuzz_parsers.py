@@ -19,7 +19,7 @@ from servescope._generate import _line, _parse, resume
 from servescope._http import _decode
 from servescope._loadconfig import BACKENDS, read_config_file
 from servescope._logscan import LineClassifier, LineKind, LineSplitter
-from servescope._responses import parse_completion, parse_json
+from servescope._responses import parse_chunk, parse_completion, parse_json
 from servescope._retry import parse_retry_after
 from servescope._sse import Event, SSEDecoder, encode_data
 from servescope._transport import MAX_BODY, bad_header
@@ -94,6 +94,42 @@ def test_response_parsing(body: bytes) -> None:
     except RequestError:
         return
     assert isinstance(completion.text, str)
+
+
+chunk_shaped = st.fixed_dictionaries(
+    {},
+    optional={
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "delta": st.dictionaries(
+                        st.sampled_from(["content", "reasoning", "reasoning_content", "role"]),
+                        json_values,
+                    )
+                    | json_values,
+                    "text": json_values,
+                    "finish_reason": json_values,
+                    "index": json_values,
+                },
+            )
+            | json_values,
+            max_size=2,
+        )
+        | json_values,
+        "usage": json_values,
+        "error": json_values,
+    },
+)
+
+
+@given(chunk_shaped | json_values.map(lambda v: {"choices": v}))
+def test_stream_chunk_parsing(chunk: dict[str, Any]) -> None:
+    try:
+        parsed = parse_chunk(chunk)
+    except RequestError:  # StreamInterrupted for an error member is one too
+        return
+    assert isinstance(parsed.text, str) and isinstance(parsed.index, int)
 
 
 @given(
