@@ -15,8 +15,9 @@ cell (a small prompt, the dummy's default answer). At each concurrency the arms 
 after the other (the order rotated every round), ``--rounds`` times, each cell after a
 short untimed warm-up; the table shows medians over the rounds: requests/s, p50/p99
 latency, p50 added over ``direct`` in the same round, CPU per request of the router's
-process tree (user + sys, psutil), of the two replicas and of the client, and
-servescope / sglang requests/s taken round by round. Any answer other than 200 (or no
+process tree (user + sys, psutil), of the two replicas and of the client, the requests
+the replicas took per request sent (``/dummy/stats``: 1.000 is no retry, no duplicate),
+and servescope / sglang requests/s taken round by round. Any answer other than 200 (or no
 answer) is an error: counted, shown with a sample, and the run exits 1.
 
 Targets: servescope's front serves >= 0.8 x sglang-router's requests/s at 64 and 256 in
@@ -25,10 +26,13 @@ flight, and adds <= 1 ms to the p50 at 1 in flight.
 Client, routers and replicas share this machine's cores (and with whatever else runs on
 it): read the ratios of one run, not the absolute numbers.
 
-``--profile``: afterwards a servescope front runs under cProfile (``python -m cProfile -o
-FILE -m servescope.cli route ...``) for one 64-in-flight cell, is stopped with SIGINT
-(so cProfile writes its file, kept next to the JSON), and its top 25 functions by
-cumulative and by own time are printed.
+``--profile``: afterwards a servescope front runs under cProfile for one 64-in-flight
+cell: ``servescope route`` in this file's process (``--profiled-front FILE route ...``,
+the console script's ``main``), its profiler on from SIGUSR1 (sent after the warm-up) to
+SIGUSR2 (after the timed cell: it writes FILE, kept next to the JSON), so that start-up
+imports and the warm-up stay out of it; then it is stopped with SIGINT. Its top 25
+functions by cumulative and by own time are printed. (cProfile counts every resumption
+of a coroutine as a call: an ``async def``'s ncalls is its awaits that suspended, + 1.)
 
 An arm that cannot run (``sglang_router`` not installed or not starting; no ``servescope
 route`` command) is skipped with the reason, printed and in the JSON; the others still run.
@@ -56,7 +60,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -81,7 +85,8 @@ PROFILE_LEVEL = 64
 PROFILE_TOP = 25
 READY_LIMIT = 60.0  # s for a replica or a router to be ready
 STOP_GRACE = 10.0  # s from SIGTERM (SIGINT) to SIGKILL
-PROFILE_STOP_GRACE = 60.0  # a profiled front writes its stats on the way out
+PROFILE_STOP_GRACE = 60.0  # s for a profiled front to write its stats
+PROFILED_FRONT = "--profiled-front"  # hidden: this file as the profiled front's process
 
 Row = dict[str, Any]
 
@@ -259,11 +264,11 @@ def start_sglang(procs: Processes, workers: Sequence[str], extra: Sequence[str])
     return proc
 
 
-def servescope_command(workers: Sequence[str], port: int, extra: Sequence[str]) -> list[str]:
-    """``servescope route`` in front of ``workers`` (the console script's module)."""
+def route_args(workers: Sequence[str], port: int, extra: Sequence[str]) -> list[str]:
+    """``servescope``'s arguments for a front in front of ``workers``."""
     urls = [arg for url in workers for arg in ("--worker-url", url)]
     return [
-        *("servescope.cli", "route", *urls, "--model", "dummy", "--routing", "round_robin"),
+        *("route", *urls, "--model", "dummy", "--routing", "round_robin"),
         *("--host", HOST, "--port", str(port), *extra),
     ]
 
@@ -291,10 +296,9 @@ def start_servescope(
 ) -> Started:
     """``servescope route``, ready (``GET /readiness`` 200); under cProfile if ``profile``."""
     port = free_port()
-    python = [sys.executable]
+    command = [sys.executable, "-m", "servescope.cli", *route_args(workers, port, extra)]
     if profile is not None:
-        python += ["-m", "cProfile", "-o", str(profile)]
-    command = [*python, "-m", *servescope_command(workers, port, extra)]
+        command[1:3] = [str(Path(__file__).resolve()), PROFILED_FRONT, str(profile)]
     proc = procs.start("servescope-profiled" if profile else "servescope", command)
     try:
         wait_ready(proc, lambda: get_ok(f"http://{HOST}:{port}/readiness"))
@@ -335,6 +339,8 @@ class Cell:
     router_cpu_ms: float = math.nan  # per request
     replicas_cpu_ms: float = math.nan
     client_cpu_ms: float = math.nan
+    upstream_per_request: float = math.nan  # requests the replicas took per request sent
+    upstream_split: list[int] = field(default_factory=list)  # requests each replica took
     errors: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     sample: str = ""  # the first error's body or exception
@@ -388,25 +394,46 @@ def quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+async def served(probe: httpx.AsyncClient, workers: Sequence[str]) -> list[int]:
+    """How many requests each replica has taken so far (the dummy's ``/dummy/stats``)."""
+    counts = []
+    for url in workers:
+        response = await probe.get(url + "/dummy/stats")
+        counts.append(int(response.json()["requests"]) - 1)  # not counting this probe
+    return counts
+
+
 async def measure(
     transport: SlotTransport,
     url: str,
     level: int,
     plan: Plan,
     router: Sequence[psutil.Process],
-    replicas: Sequence[psutil.Process],
+    replicas: Replicas,
+    *,
+    around: Callable[[bool], Awaitable[None]] | None = None,
 ) -> Cell:
-    """An untimed warm-up, then one timed cell, with the CPU each side spent on it."""
+    """An untimed warm-up, then one timed cell, with the CPU each side spent on it and
+    the requests each replica took; ``around(True)`` is awaited just before the timed
+    cell, ``around(False)`` just after."""
     warmup = max(plan.warmup, 2 * level)
     _, failures, sample, _ = await load(transport, url, warmup, level, plan.cell_limit)
-    cpu_before = cpu_seconds(router), cpu_seconds(replicas), time.process_time()
-    latencies, more, more_sample, wall = await load(
-        transport, url, plan.requests, level, plan.cell_limit
-    )
-    cpu_after = cpu_seconds(router), cpu_seconds(replicas), time.process_time()
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as probe:
+        if around is not None:
+            await around(True)
+        served_before = await served(probe, replicas.urls)
+        cpu_before = cpu_seconds(router), cpu_seconds(replicas.tree), time.process_time()
+        latencies, more, more_sample, wall = await load(
+            transport, url, plan.requests, level, plan.cell_limit
+        )
+        cpu_after = cpu_seconds(router), cpu_seconds(replicas.tree), time.process_time()
+        served_after = await served(probe, replicas.urls)
+        if around is not None:
+            await around(False)
     failures.update(more)
     spent = zip(cpu_before, cpu_after, strict=True)
     per_request = [(after - before) / plan.requests * 1000 for before, after in spent]
+    upstream = [after - before for before, after in zip(served_before, served_after, strict=True)]
     latencies.sort()
     return Cell(
         rps=plan.requests / wall,
@@ -415,10 +442,20 @@ async def measure(
         router_cpu_ms=per_request[0] if router else math.nan,
         replicas_cpu_ms=per_request[1],
         client_cpu_ms=per_request[2],
+        upstream_per_request=sum(upstream) / plan.requests,
+        upstream_split=upstream,
         errors=sum(failures.values()),
         failures=dict(failures),
         sample=sample or more_sample,
     )
+
+
+@dataclass
+class Replicas:
+    """The replicas' base URLs and processes."""
+
+    urls: list[str]
+    tree: list[psutil.Process]
 
 
 @dataclass
@@ -432,7 +469,7 @@ class Target:
 
 
 async def run_levels(
-    targets: Sequence[Target], replicas: Sequence[psutil.Process], plan: Plan
+    targets: Sequence[Target], replicas: Replicas, plan: Plan
 ) -> dict[int, list[dict[str, Cell]]]:
     """Every concurrency: ``plan.rounds`` rounds, each arm once per round (rotated order)."""
     results: dict[int, list[dict[str, Cell]]] = {}
@@ -460,13 +497,55 @@ async def run_levels(
     return results
 
 
-async def run_profiled(url: str, plan: Plan) -> Cell:
-    """One 64-in-flight cell against the profiled front (no CPU figures)."""
+async def run_profiled(front: Started, replicas: Replicas, plan: Plan, path: Path) -> Cell:
+    """One 64-in-flight cell against the profiled front, its profiler on for the timed
+    part only (SIGUSR1 ... SIGUSR2: ``profiled_front``)."""
+
+    async def around(starting: bool) -> None:
+        front.popen.send_signal(signal.SIGUSR1 if starting else signal.SIGUSR2)
+        if starting:
+            await anyio.sleep(0.2)  # handled at once: the signal wakes its event loop
+            return
+        for _ in range(int(PROFILE_STOP_GRACE / 0.05)):  # until it has written the file
+            if await anyio.Path(path).exists():
+                break
+            await anyio.sleep(0.05)
+
     transport = SlotTransport(connect_timeout=10.0)
     try:
-        return await measure(transport, url, PROFILE_LEVEL, plan, [], [])
+        return await measure(
+            transport, router_url(front), PROFILE_LEVEL, plan, front.tree(), replicas, around=around
+        )
     finally:
         await transport.aclose()
+
+
+def profiled_front(path: Path, argv: list[str]) -> None:
+    """``servescope ARGV`` in this process, profiled from SIGUSR1 to SIGUSR2 (written to
+    ``path`` then, or on the way out): the hidden ``--profiled-front PATH ARGV...``."""
+    import cProfile
+
+    from servescope.cli import main as servescope_main
+
+    profiler = cProfile.Profile()
+    written = False
+
+    def start(signum: int, frame: object) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal written
+        profiler.disable()
+        profiler.dump_stats(path)
+        written = True
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    try:
+        servescope_main(argv)
+    finally:
+        if not written:
+            stop(0, None)
 
 
 # -- figures ------------------------------------------------------------------------------
@@ -498,6 +577,7 @@ def figures(level: int, rounds: list[dict[str, Cell]]) -> Row:
             "router_cpu_ms_per_request": summary([c.router_cpu_ms for c in cells])["median"],
             "replicas_cpu_ms_per_request": summary([c.replicas_cpu_ms for c in cells])["median"],
             "client_cpu_ms_per_request": summary([c.client_cpu_ms for c in cells])["median"],
+            "upstream_per_request": summary([c.upstream_per_request for c in cells])["max"],
             "errors": sum(cell.errors for cell in cells),
             "failures": dict(failures),
             "sample": next((cell.sample for cell in cells if cell.sample), ""),
@@ -520,11 +600,13 @@ def yes(met: bool) -> str:
 def print_level(level: int, result: Row, plan: Plan) -> None:
     print(
         f"\n{level} in flight: {len(result['rounds'])} rounds of {plan.requests} requests "
-        f"per arm (medians; CPU in ms per request)"
+        f"per arm (medians; CPU in ms per request; upstream: requests the replicas took "
+        f"per request sent, the most of any round)"
     )
     print(
         f"{'arm':<11} {'req/s':>7} {'min-max':>11} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'+p50 ms':>8} {'router CPU':>11} {'replicas CPU':>13} {'client CPU':>11} {'errors':>7}"
+        f"{'+p50 ms':>8} {'router CPU':>11} {'replicas CPU':>13} {'client CPU':>11} "
+        f"{'upstream':>9} {'errors':>7}"
     )
     for name, arm in result["arms"].items():
         rps = arm["rps"]
@@ -533,7 +615,8 @@ def print_level(level: int, result: Row, plan: Plan) -> None:
             f"{arm['p50_ms']:>7.2f} {arm['p99_ms']:>7.2f} {arm['added_p50_ms']:>8.2f} "
             f"{arm['router_cpu_ms_per_request']:>11.3f} "
             f"{arm['replicas_cpu_ms_per_request']:>13.3f} "
-            f"{arm['client_cpu_ms_per_request']:>11.3f} {arm['errors']:>7.0f}"
+            f"{arm['client_cpu_ms_per_request']:>11.3f} {arm['upstream_per_request']:>9.3f} "
+            f"{arm['errors']:>7.0f}"
         )
     if (ratio := result.get("servescope_over_sglang_rps")) is not None:
         line = (
@@ -623,7 +706,7 @@ def bench(options: argparse.Namespace, plan: Plan, payload: Row) -> bool:
     with processes() as procs:
         replicas = start_replicas(procs)
         workers = [url for _, url in replicas]
-        replica_tree = [p for proc, _ in replicas for p in proc.tree()]
+        replica_set = Replicas(workers, [p for proc, _ in replicas for p in proc.tree()])
         targets = [Target("direct", workers[0] + CHAT, [])]
         commands: Row = payload["commands"]
         commands["replica"] = shlex.join(replicas[0][0].command)
@@ -643,14 +726,14 @@ def bench(options: argparse.Namespace, plan: Plan, payload: Row) -> bool:
         for name, reason in skipped.items():
             print(f"\n*** {name} arm SKIPPED: {reason}\n", flush=True)
         print(f"arms: {', '.join(target.name for target in targets)}; running:", flush=True)
-        results = anyio.run(run_levels, targets, replica_tree, plan)
+        results = anyio.run(run_levels, targets, replica_set, plan)
         for level, rounds in results.items():
             payload["levels"][str(level)] = figures(level, rounds)
         if options.profile and "servescope" not in skipped:
             for target in targets:  # the routers measured are idle now: free their memory
                 if target.proc is not None:
                     procs.stop(target.proc)
-            payload["profile"] = profile(procs, workers, servescope_extra, plan, options.out)
+            payload["profile"] = profile(procs, replica_set, servescope_extra, plan, options.out)
         elif options.profile:
             payload["profile"] = {"skipped": skipped["servescope"]}
     errors = sum(
@@ -660,15 +743,15 @@ def bench(options: argparse.Namespace, plan: Plan, payload: Row) -> bool:
 
 
 def profile(
-    procs: Processes, workers: Sequence[str], extra: Sequence[str], plan: Plan, out: Path
+    procs: Processes, replicas: Replicas, extra: Sequence[str], plan: Plan, out: Path
 ) -> Row:
     """One 64-in-flight cell on a servescope front under cProfile; stopped with SIGINT."""
     path = out.with_suffix(".prof")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    front = start_servescope(procs, workers, extra, profile=path)
+    front = start_servescope(procs, replicas.urls, extra, profile=path)
     print(f"\nprofile: {PROFILE_LEVEL} in flight on `{shlex.join(front.command)}`", flush=True)
-    cell = anyio.run(run_profiled, router_url(front), plan)
+    cell = anyio.run(run_profiled, front, replicas, plan, path)
     code = procs.stop(front, signal.SIGINT, PROFILE_STOP_GRACE)
     result: Row = {"command": shlex.join(front.command), "cell": asdict(cell), "exit": code}
     if not path.exists():
@@ -685,8 +768,9 @@ def print_profile(result: Row) -> None:
         return
     cell = result["cell"]
     print(
-        f"\nprofile (servescope front under cProfile, {PROFILE_LEVEL} in flight): "
-        f"{cell['rps']:.0f} req/s, p50 {cell['p50_ms']:.2f} ms, errors {cell['errors']}, "
+        f"\nprofile (servescope front under cProfile, {PROFILE_LEVEL} in flight, the timed "
+        f"cell only): {cell['rps']:.0f} req/s, p50 {cell['p50_ms']:.2f} ms, front CPU "
+        f"{cell['router_cpu_ms']:.3f} ms per request, errors {cell['errors']}, "
         f"front exit {result['exit']}"
     )
     if "error" in result:
@@ -712,6 +796,9 @@ def print_errors(payload: Row) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == [PROFILED_FRONT]:
+        profiled_front(Path(sys.argv[2]), sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
     parser.add_argument("--requests", type=int, help=f"per cell (default {Plan.requests})")
