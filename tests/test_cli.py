@@ -528,3 +528,67 @@ def test_pool_settings_without_a_pool_are_refused_by_load_config(tmp_path: Path)
     assert (type(config).__name__, pool.replicas) == ("DummyConfig", 3)
     bad = run("generate", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "o"), "--replicas", "0")
     assert bad.returncode == 2 and "replicas" in bad.stderr
+
+
+def test_route_fronts_a_config_of_replicas_and_a_worker_then_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """``route --config`` launches replicas, ``--worker-url`` adds someone else's server;
+    one endpoint answers for both; SIGTERM stops everything it started."""
+    worker = subprocess.Popen(
+        [str(SCRIPT), "serve", "--set", 'text="from-worker"'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    config = tmp_path / "pool.toml"
+    config.write_text('backend = "dummy"\ntext = "from-replica"\nreplicas = 1\n')
+    router = None
+    try:
+        assert worker.stdout is not None
+        worker_url = worker.stdout.readline().split()[0]
+        router = subprocess.Popen(
+            [
+                str(SCRIPT), "route", "--config", str(config), "--worker-url", worker_url,
+                "--port", "0", "--routing", "round_robin", "--min-ready", "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        assert router.stdout is not None
+        url, model = router.stdout.readline().split()
+        assert model == "model=dummy" and url.endswith("/v1")
+        front = url.removesuffix("/v1")
+        deadline = time.monotonic() + 30
+        while httpx.get(front + "/readiness").status_code != 200:
+            assert time.monotonic() < deadline, "the front never became ready"
+            time.sleep(0.05)
+        texts = set()
+        for _ in range(4):
+            answer = httpx.post(
+                url + "/chat/completions",
+                json={"model": "dummy", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
+            texts.add(answer.json()["choices"][0]["message"]["content"])
+        assert texts == {"from-worker", "from-replica"}
+    finally:
+        for process in (router, worker):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.communicate(timeout=30)
+    assert router is not None and router.returncode == 0
+    assert worker.returncode == 0
+
+
+def test_route_refuses_what_cannot_work() -> None:
+    exposed = run("route", "--model", "m", "--host", "0.0.0.0", env={"SERVESCOPE_ADMIN_TOKEN": ""})
+    assert exposed.returncode == 2 and "needs an admin token" in exposed.stderr
+    nothing = run("route")
+    assert nothing.returncode == 2 and "needs --model" in nothing.stderr
+    secret = "admin-token-that-must-not-show"
+    bad = run("route", "--model", "m", "--set", "queue_size=-1", "--admin-token", secret)
+    assert bad.returncode == 2 and "queue_size" in bad.stderr and secret not in bad.stderr

@@ -55,7 +55,9 @@ async def serving(app: App, **options: int) -> AsyncIterator[str]:
     sock = listen_socket()
     port = sock.getsockname()[1]
     async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: serve_http(app, sock, task_status=task_status, **options))
+        await tg.start(
+            lambda task_status: serve_http(app, sock, task_status=task_status, **options)
+        )
         yield f"http://127.0.0.1:{port}"
         tg.cancel_scope.cancel()
 
@@ -94,7 +96,9 @@ async def test_streamed_answer_is_chunked_and_whole() -> None:
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
     request = b"GET /echo?%d HTTP/1.1\r\nhost: x\r\n\r\n"
-    data = request % 1 + request % 2 + b"GET /echo?3 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    data = (
+        request % 1 + request % 2 + b"GET /echo?3 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
     async with serving(App()) as url:
         answer = await raw(url, data)
     assert answer.count(b"HTTP/1.1 200") == 3
@@ -111,7 +115,7 @@ async def test_a_client_that_goes_away_cancels_its_handler() -> None:
             await app.started.wait()
         await stream.aclose()
         with anyio.fail_after(5):
-            while not app.cancelled:
+            while not app.cancelled:  # noqa: ASYNC110 (a counter, no event)
                 await anyio.sleep(0.01)
         # and the server goes on serving
         async with httpx.AsyncClient(base_url=url) as client:

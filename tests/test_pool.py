@@ -552,7 +552,7 @@ def decisions(path: Path) -> list[tuple[int, int, list[list[int]], int]]:
 
 async def route_requests(log: Path, seed: int) -> None:
     with anyio.fail_after(10):
-        settings = {"routing": "power_of_two", "seed": seed, "routing_log": log}
+        settings: dict[str, Any] = {"routing": "power_of_two", "seed": seed, "routing_log": log}
         async with open_pool(dummy(), replicas=3, **settings) as pool:
             await pool.wait_ready(3)
             for _ in range(20):
@@ -678,7 +678,7 @@ async def test_heterogeneous_pool_of_endpoints_and_an_in_process_dummy() -> None
 async def test_waiters_sleep_while_a_half_open_breaker_cannot_take_them() -> None:
     """A breaker past its cool-down (half-open) is no deadline to wake up for: requests
     waiting on a paused pool sleep until resumed, they do not spin the event loop."""
-    breaker = {"breaker_failures": 1, "breaker_cooldown": 0.05}
+    breaker: dict[str, Any] = {"breaker_failures": 1, "breaker_cooldown": 0.05}
     with anyio.fail_after(10):
         async with open_pool(dummy(), replicas=2, **breaker) as pool:
             await pool.wait_ready(2)

@@ -364,7 +364,9 @@ class FixedTarget:
     async def acquire(self, tried: Sequence[Target], route: object) -> Target:
         return self
 
-    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+    def release(
+        self, target: Target, outcome: Outcome, retry_after: float | None, elapsed: float
+    ) -> None:
         self.released.append(outcome)
 
     def check_open(self) -> None:

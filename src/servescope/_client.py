@@ -227,8 +227,11 @@ class Dispatcher(Protocol):
         waits until one can take it; raises the scope's error once none ever will."""
         ...
 
-    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
-        """``target`` back, after one attempt on it (called once per ``acquire``)."""
+    def release(
+        self, target: Target, outcome: Outcome, retry_after: float | None, elapsed: float
+    ) -> None:
+        """``target`` back, after one attempt on it (called once per ``acquire``);
+        ``elapsed``: seconds since the attempt was sent."""
         ...
 
     def check_open(self) -> None:
@@ -408,11 +411,12 @@ class RequestClient:
                 started = started or time.monotonic()
                 result: dict[str, Any] | Reply | _Retry | _Refused | None = None
                 self._metrics.in_flight += 1
+                sent = time.monotonic()
                 try:
                     result = await self._attempt(target, path, data, extra, raw)
                 finally:
                     self._metrics.in_flight -= 1
-                    _release(dispatch, target, result)
+                    _release(dispatch, target, result, sent)
                 if isinstance(result, _Refused):
                     raise result.error
                 if not isinstance(result, _Retry):
@@ -512,6 +516,7 @@ class RequestClient:
                 started = started or time.monotonic()
                 result: _Opened | _Retry | _Refused | None = None
                 self._metrics.in_flight += 1
+                sent = time.monotonic()
                 try:
                     result = await self._open_attempt(target, path, data, extra, passthrough)
                     if isinstance(result, _Opened):  # from here the stream gives it back
@@ -519,7 +524,7 @@ class RequestClient:
                 finally:
                     if not isinstance(result, _Opened):
                         self._metrics.in_flight -= 1
-                        _release(dispatch, target, result)
+                        _release(dispatch, target, result, sent)
                 if isinstance(result, _Refused):
                     raise result.error
                 if retry == config.max_retries:
@@ -662,9 +667,9 @@ class RequestClient:
         if 200 <= status < 300:
             if first:
                 self._dispatch.first_byte(target, time.monotonic() - sent)
-            return _Opened(response, first, ok=True)
+            return _Opened(response, first, ok=True, sent=sent)
         if passthrough and 400 <= status < 500:
-            return _Opened(response, first, ok=False)
+            return _Opened(response, first, ok=False, sent=sent)
         await response.aclose()
         error = classify_status(status, first, redact) or RequestError(
             f"server answered {status} to {path}"
@@ -714,22 +719,26 @@ class _Opened:
     response: BodyStream
     first: bytes
     ok: bool
+    sent: float  # when its attempt was sent (``time.monotonic()``)
 
 
 def _release(
     dispatch: Dispatcher,
     target: Target,
     result: dict[str, Any] | Reply | _Opened | _Retry | _Refused | None,
+    sent: float,
 ) -> None:
-    """Give ``target`` back with what the attempt on it taught (``None``: cancelled)."""
+    """Give ``target`` back with what the attempt on it, sent at ``sent``, taught
+    (``None``: cancelled)."""
+    elapsed = time.monotonic() - sent
     if result is None:
-        dispatch.release(target, Outcome.ABANDONED, None)
+        dispatch.release(target, Outcome.ABANDONED, None, elapsed)
     elif isinstance(result, _Retry):
-        dispatch.release(target, result.outcome, result.retry_after)
+        dispatch.release(target, result.outcome, result.retry_after, elapsed)
     elif isinstance(result, _Refused):
-        dispatch.release(target, result.outcome, None)
+        dispatch.release(target, result.outcome, None, elapsed)
     else:
-        dispatch.release(target, Outcome.ANSWERED, None)
+        dispatch.release(target, Outcome.ANSWERED, None, elapsed)
 
 
 class RawStream:
@@ -762,6 +771,7 @@ class RawStream:
         self._pending = opened.first
         self._ok = opened.ok
         self._started = started
+        self._sent = opened.sent
         self._error: StreamInterrupted | None = None
         # False: a parser says whether the answer was whole (``_end``) or not (``_fail``).
         self._whole_at_end = whole_at_end
@@ -878,7 +888,7 @@ class RawStream:
             return
         client = self._client
         client._metrics.in_flight -= 1
-        client._dispatch.release(target, outcome, None)
+        client._dispatch.release(target, outcome, None, time.monotonic() - self._sent)
         if ok:
             usage = self.usage or Usage()
             latency = time.monotonic() - self._started

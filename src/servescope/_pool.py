@@ -27,16 +27,16 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from ._client import Outcome, RequestClient, Target, Wire
+from ._client import ChunkStream, Outcome, RawStream, RequestClient, Target, Wire
 from ._config import ServerConfig
 from ._control import DISPATCHES, PoolState, Signal, control
 from ._errors import ConfigError, ControlError, PoolFailed, RequestTimeout, ServerClosed
@@ -50,12 +50,23 @@ from ._replica_state import ReplicaState
 from ._responses import Completion
 from ._routing import Candidate, Policy, RouteKey, make_policy, prefix_of
 from ._scopes import one_exception, one_exception_cause
+from ._transport import Reply
 from .backends._base import EngineConfig
 from .backends.endpoint import EndpointConfig
 
 __all__ = ["Pool", "open_pool"]
 
 logger = logging.getLogger("servescope.pool")
+
+
+class Observer(Protocol):
+    """Told how long each attempt on a replica took (the front's latency histograms)."""
+
+    def attempt(self, replica: int, seconds: float) -> None:
+        """An attempt on ``replica`` ended (answered or failed) after ``seconds``."""
+
+    def first_byte(self, replica: int, seconds: float) -> None:
+        """A streamed answer from ``replica`` began ``seconds`` after it was sent."""
 
 
 @dataclass(frozen=True)
@@ -105,9 +116,14 @@ class _Dispatch:
                     return replica
             await self._wait(deadline)
 
-    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+    def release(
+        self, target: Target, outcome: Outcome, retry_after: float | None, elapsed: float
+    ) -> None:
         assert isinstance(target, Replica)
         target.record(outcome, retry_after, anyio.current_time())
+        observer = self._pool.observer
+        if observer is not None and outcome is not Outcome.ABANDONED:
+            observer.attempt(target.index, elapsed)
         self.busy -= 1
         if self.busy == 0:
             self.idle.set()
@@ -131,6 +147,10 @@ class _Dispatch:
 
     def first_byte(self, target: Target, seconds: float) -> None:
         """A stream's first body bytes came from ``target`` after ``seconds``."""
+        observer = self._pool.observer
+        if observer is not None:
+            assert isinstance(target, Replica)
+            observer.first_byte(target.index, seconds)
 
     def wake_one(self) -> None:
         """A slot was freed: the longest waiter may take it."""
@@ -207,6 +227,7 @@ class Pool:
         self.settings = settings
         self.config = config
         self.open_membership = open_membership
+        self.observer: Observer | None = None  # told each attempt's latency
         self._next_index = len(replicas)
         self.state = PoolState.RUNNING
         self.failure: PoolFailed | None = None
@@ -250,6 +271,48 @@ class Pool:
         """A text completion from one of the replicas."""
         self._check_open()
         return await self._client.complete(prompt, routing_key=routing_key, **params)
+
+    def request_raw(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        routing_key: str | None = None,
+    ) -> Coroutine[Any, Any, Reply]:
+        """As ``request``, but the reply unparsed: a 2xx, or a 4xx about the request,
+        as the replica sent it (a proxy passes it through)."""
+        self._check_open()
+        return self._client.request_raw(
+            payload, path=path, headers=headers, routing_key=routing_key
+        )
+
+    def stream_raw(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        routing_key: str | None = None,
+    ) -> AbstractAsyncContextManager[RawStream]:
+        """A streamed answer's status, headers and raw body chunks from a replica
+        (retried elsewhere only before its first byte; see ``RequestClient.stream_raw``)."""
+        self._check_open()
+        return self._client.stream_raw(payload, path=path, headers=headers, routing_key=routing_key)
+
+    def stream_chat(
+        self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
+    ) -> ChunkStream:
+        """A chat completion from one of the replicas, chunk by chunk as it is generated."""
+        self._check_open()
+        return self._client.stream_chat(messages, routing_key=routing_key, **params)
+
+    def stream_complete(
+        self, prompt: str, *, routing_key: str | None = None, **params: Any
+    ) -> ChunkStream:
+        """A text completion from one of the replicas, chunk by chunk."""
+        self._check_open()
+        return self._client.stream_complete(prompt, routing_key=routing_key, **params)
 
     def parse_completion(self, response: dict[str, Any]) -> Completion:
         """A ``Completion`` from a ``request()`` answer, secrets kept out of its errors."""

@@ -195,7 +195,9 @@ class _OneServer:
             raise
         return self._state
 
-    def release(self, target: Target, outcome: Outcome, retry_after: float | None) -> None:
+    def release(
+        self, target: Target, outcome: Outcome, retry_after: float | None, elapsed: float
+    ) -> None:
         self._limiter.release()
 
     def check_open(self) -> None:

@@ -30,10 +30,13 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
+from pydantic import SecretStr
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -51,11 +54,13 @@ from rich.table import Table
 from . import __version__
 from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
+from ._frontconfig import FRONT_KEYS, FrontConfig
 from ._generate import Counts, Job, Progress, prepare, run_job
 from ._loadconfig import BACKENDS, load_pool_config, read_config_file
 from ._pool import Pool, open_pool
 from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
+from ._register import keep_registered
 from ._server import Server, open_server
 
 __all__ = ["main"]
@@ -145,7 +150,62 @@ def _parser() -> argparse.ArgumentParser:
             help="any config field (VALUE as JSON, else a string); e.g. --set latency=0.1",
         )
         group.add_argument("--log-level", default="WARNING", help="servescope's log level")
+    register = serve.add_argument_group("register with a front on another node")
+    register.add_argument(
+        "--register-with",
+        metavar="URL",
+        help="a `servescope route` front: join it once ready, keep a lease, leave on stop",
+    )
+    register.add_argument(
+        "--token", help="the front's admin token (default: SERVESCOPE_ADMIN_TOKEN)"
+    )
+    register.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="the address the front reaches this server at (default: the server's own)",
+    )
+    _route_parser(commands)
     return parser
+
+
+def _route_parser(commands: Any) -> None:
+    route = commands.add_parser(
+        "route",
+        help="one OpenAI endpoint for many clients, in front of replicas",
+        description="Serve the OpenAI API at --host:--port and route each request to a "
+        "replica: those launched from --config (with its pool keys), those given with "
+        "--worker-url, and those that register themselves (serve --register-with).",
+    )
+    route.add_argument("--config", type=Path, help="replicas to launch (server + pool keys)")
+    route.add_argument(
+        "--worker-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a replica someone else runs (repeatable)",
+    )
+    route.add_argument("--model", help="the model served (default: the config's or a worker's)")
+    route.add_argument(
+        "--routing", help="least_loaded (default), round_robin, power_of_two, prefix, sticky"
+    )
+    route.add_argument("--min-ready", type=int, help="replicas ready for GET /readiness")
+    route.add_argument("--host", help="where to listen (default 127.0.0.1)")
+    route.add_argument("--port", type=int, help="default 8000; 0: any free port")
+    route.add_argument(
+        "--admin-token", help="bearer token of the admin API (default: SERVESCOPE_ADMIN_TOKEN)"
+    )
+    route.add_argument("--max-concurrency", type=int, help="requests worked on at once")
+    route.add_argument("--queue-size", type=int, help="requests that may wait; beyond: 429")
+    route.add_argument("--queue-timeout", type=float, help="longest wait; beyond: 503")
+    route.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any server, pool or front setting (VALUE as JSON, else a string)",
+    )
+    route.add_argument("--log-level", default="WARNING", help="servescope's log level")
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -360,21 +420,130 @@ async def _serve(
     redact: Redactor,
 ) -> int:
     caught: list[int] = []
+    token = args.token or os.environ.get("SERVESCOPE_ADMIN_TOKEN") or None
+    redact.add([token] if token else [])
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope, caught)
-            async with _serving(config, pool) as serving:
+            async with _serving(config, pool) as serving, anyio.create_task_group() as joins:
                 await serving.wait_ready()
                 if isinstance(serving, Pool):
-                    for replica in serving.replicas:
-                        line = f"{replica.base_url}/v1 model={config.model} replica={replica.index}"
+                    urls = [replica.base_url or "" for replica in serving.replicas]
+                    for index, url in enumerate(urls):
+                        line = f"{url}/v1 model={config.model} replica={index}"
                         print(redact(line), flush=True)
                 else:
+                    urls = [serving.base_url]
                     print(redact(f"{serving.base_url}/v1 model={config.model}"), flush=True)
+                # Registered last, deregistered first: the front stops sending before
+                # the server stops.
+                for url in [args.advertise_url] if args.advertise_url else urls:
+                    if args.register_with:
+                        join = partial(keep_registered, args.register_with, url, token=token)
+                        await joins.start(partial(join, api_key=_api_key(config)))
                 await anyio.sleep_forever()
     except BaseExceptionGroup as group:
         raise _single(group) from None
     return 0
+
+
+def _api_key(config: ServerConfig) -> str | None:
+    """The key requests to this server need (a front registering it needs it too)."""
+    key = getattr(config, "api_key", None)
+    return key.get_secret_value() if isinstance(key, SecretStr) else None
+
+
+def _route_values(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The route command's server, pool and front settings: config file, flags, ``--set``."""
+    server: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for setting in args.settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set needs KEY=VALUE, got {setting!r}")
+        try:
+            server[key.strip()] = json.loads(text)
+        except ValueError:
+            server[key.strip()] = text
+    if args.model:
+        server["model"] = args.model
+    pool = {key: server.pop(key) for key in sorted(POOL_KEYS.intersection(server))}
+    # A key a server (or the pool) also has is theirs: the front's own via its flags.
+    own = FRONT_KEYS - POOL_KEYS - ServerConfig.model_fields.keys()
+    front = {key: server.pop(key) for key in sorted(own.intersection(server))}
+    flags = {
+        "routing": ("pool", args.routing),
+        "min_ready": ("front", args.min_ready),
+        "host": ("front", args.host),
+        "port": ("front", args.port),
+        "max_concurrency": ("front", args.max_concurrency),
+        "queue_size": ("front", args.queue_size),
+        "queue_timeout": ("front", args.queue_timeout),
+    }
+    for key, (where, value) in flags.items():
+        if value is not None:
+            (pool if where == "pool" else front)[key] = value
+    token = args.admin_token or os.environ.get("SERVESCOPE_ADMIN_TOKEN")
+    if token:
+        front["admin_token"] = token
+    if os.environ.get("SERVESCOPE_FRONT_API_KEY"):
+        front["api_key"] = os.environ["SERVESCOPE_FRONT_API_KEY"]
+    return server, pool, front
+
+
+async def _route(args: argparse.Namespace, console: Console, redact: Redactor) -> int:
+    from ._front import open_front
+
+    server, pool_values, front_values = _route_values(args)
+    front_config = FrontConfig.build(front_values)
+    redact.add(front_config.secrets())
+    launched = bool(args.config)
+    if not launched:
+        server.setdefault("backend", "endpoint")
+        server.setdefault("url", args.worker_url[0] if args.worker_url else UNUSED_URL)
+        if "model" not in server:
+            server["model"] = await _served_model(args.worker_url)
+        pool_values.setdefault("replicas", 0)
+    config, pool_config = load_pool_config({**server, **pool_values})
+    redact.add(config.secrets())
+    caught: list[int] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_signal, tg.cancel_scope, caught)
+            settings = dict(pool_config)
+            async with open_pool(config, open_membership=True, **settings) as pool:
+                for url in args.worker_url:
+                    pool.add_endpoint(url)
+                async with open_front(pool, front_config) as front:
+                    print(redact(f"{front.url}/v1 model={config.model}"), flush=True)
+                    await anyio.sleep_forever()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+    return 0
+
+
+#: The template of replicas that join a front with no launched replicas: never contacted.
+UNUSED_URL = "http://127.0.0.1:9"
+
+
+async def _served_model(urls: list[str]) -> str:
+    """The model the first worker serves (``GET /v1/models``), for a front told none."""
+    if not urls:
+        raise ConfigError("route needs --model (or --config, or a --worker-url to ask)")
+    url = urls[0].rstrip("/").removesuffix("/v1") + "/v1/models"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(url)
+            response.raise_for_status()
+            model = response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, LookupError, TypeError) as exc:
+        raise ConfigError(
+            f"route needs --model: the first worker did not say which model it serves ({exc})"
+        ) from None
+    if not isinstance(model, str):
+        raise ConfigError("route needs --model: the first worker's model id is not a string")
+    return model
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -431,6 +600,12 @@ class _RedactLogs(logging.Filter):
         return True
 
 
+def _main_route(args: argparse.Namespace, console: Console, logs: _RedactLogs) -> int:
+    logs.redact.add([os.environ.get("SERVESCOPE_ADMIN_TOKEN") or "", args.admin_token or ""])
+    logs.redact.add([os.environ.get("SERVESCOPE_FRONT_API_KEY") or ""])
+    return int(anyio.run(_route, args, console, logs.redact))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``servescope`` console script."""
     args = _parser().parse_args(argv)
@@ -441,14 +616,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(stderr=True)
     redact = logs.redact = _redactor({})
     try:
-        values = _config_values(args)
-        redact = logs.redact = _redactor(values)
-        config, settings = load_pool_config(values)
-        # Any pool key (--replicas, routing, ...) asks for a pool; else one server.
-        pool = settings if POOL_KEYS.intersection(values) else None
-        redact = logs.redact = _redactor(values, config)
-        run = _generate if args.command == "generate" else _serve
-        code = anyio.run(run, args, config, pool, console, redact)
+        if args.command == "route":
+            code = _main_route(args, console, logs)
+        else:
+            values = _config_values(args)
+            redact = logs.redact = _redactor(values)
+            config, settings = load_pool_config(values)
+            # Any pool key (--replicas, routing, ...) asks for a pool; else one server.
+            pool = settings if POOL_KEYS.intersection(values) else None
+            if pool is not None and pool.replicas == 0:
+                raise ConfigError("replicas must be at least 1 for generate and serve")
+            redact = logs.redact = _redactor(values, config)
+            run = _generate if args.command == "generate" else _serve
+            code = anyio.run(run, args, config, pool, console, redact)
     except (ServeError, OSError) as exc:
         # Bad usage, config or input files: 2; the server failed: 1.
         code = 2 if isinstance(exc, ConfigError | OSError) else 1
