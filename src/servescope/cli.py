@@ -21,6 +21,7 @@ through a ``Redactor`` of the config's secrets and ``SERVESCOPE_API_KEY``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -600,10 +601,15 @@ class _RedactLogs(logging.Filter):
         return True
 
 
+#: The front moves bytes between sockets all day: on uvloop where it is installed (as
+#: vLLM's and SGLang's API servers do), about twice the requests per CPU second.
+_FAST_LOOP = {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
 def _main_route(args: argparse.Namespace, console: Console, logs: _RedactLogs) -> int:
     logs.redact.add([os.environ.get("SERVESCOPE_ADMIN_TOKEN") or "", args.admin_token or ""])
     logs.redact.add([os.environ.get("SERVESCOPE_FRONT_API_KEY") or ""])
-    return int(anyio.run(_route, args, console, logs.redact))
+    return int(anyio.run(_route, args, console, logs.redact, backend_options=_FAST_LOOP))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
