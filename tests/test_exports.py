@@ -38,6 +38,9 @@ EXPECTED = {
     "load_pool_config",
     "open_pool",
     "open_server",
+    "Front",
+    "FrontConfig",
+    "open_front",
 }
 
 

@@ -2,7 +2,8 @@
 
 One ``async with open_server(config) as server`` holds a server's whole life — its
 process tree, log scanners, readiness probe and requests — under asyncio or trio;
-``async with open_pool(config, replicas=4) as pool`` holds many, routed among.
+``async with open_pool(config, replicas=4) as pool`` holds many, routed among;
+``async with open_front(pool, FrontConfig(port=8000))`` serves them to any OpenAI client.
 """
 
 from ._config import ServerConfig as ServerConfig
@@ -19,6 +20,9 @@ from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerError as ServerError
 from ._errors import ServerStartError as ServerStartError
 from ._errors import StreamInterrupted as StreamInterrupted
+from ._front import Front as Front
+from ._front import open_front as open_front
+from ._frontconfig import FrontConfig as FrontConfig
 from ._loadconfig import load_config as load_config
 from ._loadconfig import load_pool_config as load_pool_config
 from ._metrics import MetricsSnapshot as MetricsSnapshot

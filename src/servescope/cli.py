@@ -55,6 +55,7 @@ from rich.table import Table
 from . import __version__
 from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
+from ._front import open_front
 from ._frontconfig import FRONT_KEYS, FrontConfig
 from ._generate import Counts, Job, Progress, prepare, run_job
 from ._loadconfig import BACKENDS, load_pool_config, read_config_file
