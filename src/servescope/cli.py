@@ -495,8 +495,6 @@ def _route_values(
 
 
 async def _route(args: argparse.Namespace, console: Console, redact: Redactor) -> int:
-    from ._front import open_front
-
     server, pool_values, front_values = _route_values(args)
     front_config = FrontConfig.build(front_values)
     redact.add(front_config.secrets())
