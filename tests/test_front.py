@@ -30,6 +30,7 @@ from servescope._front import Front, open_front
 from servescope._frontconfig import FrontConfig
 
 from .test_pool import dummy, eventually, gone, process
+from .test_pool_chaos import backends
 
 pytestmark = pytest.mark.anyio
 
@@ -79,7 +80,9 @@ async def test_openai_sdk_whole_answers_round_robin_across_replicas() -> None:
         assert sorted(answered) == [3, 3, 4]  # round robin: 10 requests over 3 replicas
 
 
-async def test_request_id_is_passed_to_the_replica_returned_and_assigned() -> None:
+async def test_request_id_is_passed_to_the_replica_returned_and_assigned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     seen: list[str | None] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -107,6 +110,7 @@ async def test_request_id_is_passed_to_the_replica_returned_and_assigned() -> No
                 new_id = assigned.headers["x-request-id"]
                 assert len(new_id) == 32 and new_id != "bad id"
             assert "job-7.42" in seen and new_id in seen
+            assert "job-7.42 POST /v1/chat/completions -> 200" in caplog.text
             assert index == 0
         tg.cancel_scope.cancel()
 
@@ -462,3 +466,28 @@ async def test_a_whole_request_is_cancelled_on_the_replica_when_its_client_leave
             await stream.send(post("/v1/chat/completions", {"messages": MESSAGES}))
             await eventually(lambda: pool.replicas[0].in_flight == 1, within=5)
         await eventually(lambda: pool.replicas[0].in_flight == 0, within=5)
+
+
+async def test_an_ejected_replica_s_requests_in_flight_are_sent_to_another() -> None:
+    """What a lapsed lease does: the frozen replica's requests finish elsewhere."""
+    async with (
+        backends("frozen", "alive") as (frozen, alive),
+        open_pool(dummy(), replicas=0, open_membership=True, routing="round_robin") as pool,
+    ):
+        first = pool.add_endpoint(f"http://127.0.0.1:{frozen.port}")
+        pool.add_endpoint(f"http://127.0.0.1:{alive.port}")
+        await pool.wait_ready(2)
+        frozen.freeze()
+        texts: list[str] = []
+
+        async def one() -> None:
+            texts.append((await pool.chat(MESSAGES)).text)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+            await eventually(lambda: [r.in_flight for r in pool.replicas] == [2, 0])
+            await pool.eject(first, "its lease lapsed")
+        assert texts == ["alive"] * 4
+        assert [info.index for info in pool.replicas] == [1]
+        frozen.thaw()
