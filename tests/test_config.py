@@ -115,6 +115,7 @@ UPPER_BOUNDS: dict[str, int | float] = {
     "unhealthy_after": 10**7,
     "completion_tokens": 1_000_000,
     "latency": 3_600,
+    "token_latency": 3_600,
     "fault_rate": 1,
     "fault_seed": 2**63 - 1,
     "tp": 4_096,
