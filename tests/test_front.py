@@ -305,6 +305,10 @@ async def test_register_probe_failure_and_deregister_over_the_admin_api() -> Non
             assert refused.status_code == 502 and "check" in refused.text
             bad = await client.post("/workers", json={"url": "ftp://x"})
             assert bad.status_code == 400
+            itself = await client.post(
+                "/workers", json={"url": front.url.replace("127.0.0.1", "localhost")}
+            )
+            assert itself.status_code == 400 and "own address" in itself.text
             removed = await client.delete(f"/workers/{index}")
             assert removed.status_code == 200
             listed = (await client.get("/workers")).json()["workers"]

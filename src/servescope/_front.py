@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -57,7 +58,7 @@ from ._errors import (
     ServerClosed,
     StreamInterrupted,
 )
-from ._frontconfig import FrontConfig
+from ._frontconfig import FrontConfig, is_loopback
 from ._frontmetrics import CONTENT_TYPE, FrontMetrics
 from ._httpserver import Request, Responder, serve_http
 from ._leases import RENEW_EVERY, Leases
@@ -313,6 +314,8 @@ class Front:
         if not isinstance(lease, bool):
             raise _Answer(400, "'lease' must be true or false", "invalid_request_error")
         url = url.rstrip("/").removesuffix("/v1")
+        if self._is_self(url):
+            raise _Answer(400, "that is this front's own address", "invalid_request_error")
         now = anyio.current_time()
         index = self.leases.holder(url) if lease else None
         if index is None:
@@ -334,6 +337,17 @@ class Front:
         status = await self._checked(index)
         logger.info("front: worker %d registered (%s), state %s", index, url, status)
         return (201 if status == "ready" else 202), self._registered(index, lease)
+
+    def _is_self(self, url: str) -> bool:
+        """Whether ``url`` reaches this front (a replica there would route to itself)."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host, port = parts.hostname or "", parts.port
+        except ValueError:
+            return False  # not a URL: the replica's config says so
+        if self.address is None or port != self.address[1]:
+            return False
+        return host == self.address[0] or (is_loopback(host) and is_loopback(self.address[0]))
 
     async def _checked(self, index: int) -> str:
         """The new replica's state once its first check is done (or the probe timeout
