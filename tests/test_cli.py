@@ -592,3 +592,10 @@ def test_route_refuses_what_cannot_work() -> None:
     secret = "admin-token-that-must-not-show"
     bad = run("route", "--model", "m", "--set", "queue_size=-1", "--admin-token", secret)
     assert bad.returncode == 2 and "queue_size" in bad.stderr and secret not in bad.stderr
+
+
+def test_serve_refuses_a_front_url_it_cannot_use_before_starting() -> None:
+    bad = run("serve", "--register-with", "router:8000")
+    assert bad.returncode == 2 and "--register-with must start with http://" in bad.stderr
+    lonely = run("serve", "--advertise-url", "http://10.0.0.1:8000")
+    assert lonely.returncode == 2 and "--register-with" in lonely.stderr

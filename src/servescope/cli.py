@@ -64,6 +64,7 @@ from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
 from ._register import keep_registered
 from ._server import Server, open_server
+from .backends.endpoint import url_problem
 
 __all__ = ["main"]
 
@@ -424,6 +425,15 @@ async def _serve(
     caught: list[int] = []
     token = args.token or os.environ.get("SERVESCOPE_ADMIN_TOKEN") or None
     redact.add([token] if token else [])
+    for flag, url in (
+        ("--register-with", args.register_with),
+        ("--advertise-url", args.advertise_url),
+    ):
+        problem = url_problem(url) if url is not None else None
+        if problem is not None:
+            raise ConfigError(f"{flag} {problem}")
+    if args.advertise_url and not args.register_with:
+        raise ConfigError("--advertise-url is the address given to --register-with's front")
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope, caught)
