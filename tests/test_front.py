@@ -78,6 +78,10 @@ async def test_openai_sdk_whole_answers_round_robin_across_replicas() -> None:
         assert [model.id async for model in client.models.list()] == ["dummy"]
         answered = [replica.answered for replica in pool.replicas]
         assert sorted(answered) == [3, 3, 4]  # round robin: 10 requests over 3 replicas
+        async with httpx.AsyncClient() as http:  # and as each replica saw it
+            urls = [f"{replica.base_url}/dummy/stats" for replica in pool.replicas]
+            seen = [(await http.get(url)).json()["completions"] for url in urls]
+        assert seen == answered
 
 
 async def test_request_id_is_passed_to_the_replica_returned_and_assigned(

@@ -86,6 +86,7 @@ class DummyApp:
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests = 0
+        self.completions = 0  # chat and text completions answered (2xx)
         self._attempts: dict[str, int] = {}
         self._created = int(time.time())
 
@@ -107,6 +108,7 @@ class DummyApp:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "requests": self.requests,
+            "completions": self.completions,
         }
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -218,6 +220,7 @@ class DummyApp:
         }
         if self.settings.latency > 0:
             await anyio.sleep(self.settings.latency)
+        self.completions += 1
         head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
