@@ -51,7 +51,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -62,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
+from benchlib import leftover_children, revision
 
 import servescope
 import servescope.dummy
@@ -536,32 +535,6 @@ def print_results(backend: str, results: dict[str, Any], plan: Plan) -> None:
             print_failover(backend, result, plan)
         else:
             print_overhead(backend, name, result)
-
-
-def revision() -> str:
-    """The commit measured, and whether src/ differed from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "src"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in src/" if dirty else "")
-
-
-def leftover_children() -> list[str]:
-    """Processes this run started that are still alive (killed here, and named)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            found.append(f"{child.pid} {' '.join(child.cmdline())}")
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def main() -> None:

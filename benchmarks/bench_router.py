@@ -70,6 +70,7 @@ from typing import Any
 import anyio
 import httpx
 import psutil
+from benchlib import leftover_children, revision
 
 from servescope._transport import SlotTransport
 
@@ -654,37 +655,11 @@ def profile_tables(path: Path) -> Row:
 # -- the run ------------------------------------------------------------------------------
 
 
-def revision() -> str:
-    """The commit measured, and whether src/ differed from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "src"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in src/" if dirty else "")
-
-
 def version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def leftover_children() -> list[str]:
-    """Processes this run started that are still alive (killed here, and named)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            found.append(f"{child.pid} {' '.join(child.cmdline())}")
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 @contextmanager

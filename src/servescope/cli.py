@@ -233,7 +233,19 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None:
             values[key] = str(value) if isinstance(value, Path) else value
-    for setting in args.settings:
+    values.update(_set_flags(args.settings))
+    if "max_concurrency" not in values and getattr(args, "command", "") == "generate":
+        values["max_concurrency"] = GENERATE_CONCURRENCY
+    api_key = os.environ.get("SERVESCOPE_API_KEY")
+    if api_key and "api_key" not in values and values.get("backend") in ("endpoint", "vllm"):
+        values["api_key"] = api_key
+    return values
+
+
+def _set_flags(settings: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as values: VALUE as JSON, else as a string."""
+    values: dict[str, Any] = {}
+    for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set needs KEY=VALUE, got {setting!r}")
@@ -241,11 +253,6 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
             values[key.strip()] = json.loads(text)
         except ValueError:
             values[key.strip()] = text
-    if "max_concurrency" not in values and getattr(args, "command", "") == "generate":
-        values["max_concurrency"] = GENERATE_CONCURRENCY
-    api_key = os.environ.get("SERVESCOPE_API_KEY")
-    if api_key and "api_key" not in values and values.get("backend") in ("endpoint", "vllm"):
-        values["api_key"] = api_key
     return values
 
 
@@ -470,14 +477,7 @@ def _route_values(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The route command's server, pool and front settings: config file, flags, ``--set``."""
     server: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    for setting in args.settings:
-        key, sep, text = setting.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set needs KEY=VALUE, got {setting!r}")
-        try:
-            server[key.strip()] = json.loads(text)
-        except ValueError:
-            server[key.strip()] = text
+    server.update(_set_flags(args.settings))
     if args.model:
         server["model"] = args.model
     pool = {key: server.pop(key) for key in sorted(POOL_KEYS.intersection(server))}
