@@ -109,26 +109,11 @@ class _Connection:
 
     async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
         """Send one request and read its whole response."""
-        conn = self.h11
         await self.send_request(method, target, headers, body)
         status, response_headers, chunks, size = 0, [], [], 0
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(f"broken HTTP response: {exc}") from exc
-            if event is h11.NEED_DATA:
-                try:
-                    received = await self.stream.receive(_READ_SIZE)
-                except anyio.EndOfStream:
-                    received = b""
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    raise httpx.ReadError(f"reading the response failed: {exc!r}") from exc
-                if not received and not status:
-                    message = "server closed the connection without answering"
-                    raise httpx.RemoteProtocolError(message)
-                conn.receive_data(received)
-            elif isinstance(event, h11.Response):
+            event = await self.next_event(answered=status != 0)
+            if isinstance(event, h11.Response):
                 status, response_headers = event.status_code, list(event.headers)
             elif isinstance(event, h11.Data):
                 size += len(event.data)
@@ -139,9 +124,7 @@ class _Connection:
                 break
             elif isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("server disconnected without a complete response")
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            self.idle_since = time.monotonic()
+        self.end_exchange()
         return Reply(status, response_headers, b"".join(chunks))
 
     async def send_request(
