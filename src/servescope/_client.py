@@ -396,30 +396,41 @@ class RequestClient:
         headers: Mapping[str, str] | None,
         routing_key: str | None,
         raw: bool,
+        stream: bool = False,
     ) -> Any:
+        """The retry loop of every request: parsed (``request``), raw (``request_raw``),
+        or a stream up to its first body bytes (``stream``; ``raw``: a refusal is handed
+        out as it came). A stream holds its target from then on, until it ends."""
         data, path = self._prepare(payload, path)
         dispatch = self._dispatch
         dispatch.check_open()
         self._metrics.started += 1
         try:  # one frame for the whole retry loop: it is held for every request in flight
-            config, started = self._config, None
+            config, started = self._config, 0.0
             extra = encode_headers(headers) if headers else []
             route = dispatch.route(payload, routing_key)
             tried: list[Target] = []
             for retry in range(config.max_retries + 1):
                 target = await dispatch.acquire(tried, route)
                 started = started or time.monotonic()
-                result: dict[str, Any] | Reply | _Retry | _Refused | None = None
+                result: dict[str, Any] | Reply | _Opened | _Retry | _Refused | None = None
                 self._metrics.in_flight += 1
                 sent = time.monotonic()
                 try:
-                    result = await self._attempt(target, path, data, extra, raw)
+                    if stream:
+                        result = await self._open_attempt(target, path, data, extra, raw)
+                        if isinstance(result, _Opened):  # from here the stream gives it back
+                            return RawStream(self, target, path, result, started, raw)
+                    else:
+                        result = await self._attempt(target, path, data, extra, raw)
                 finally:
-                    self._metrics.in_flight -= 1
-                    _release(dispatch, target, result, sent)
+                    if not isinstance(result, _Opened):
+                        self._metrics.in_flight -= 1
+                        _release(dispatch, target, result, sent)
                 if isinstance(result, _Refused):
                     raise result.error
                 if not isinstance(result, _Retry):
+                    assert not isinstance(result, _Opened | None)
                     if isinstance(result, Reply):
                         if result.status >= 300:  # a refusal passed through
                             self._metrics.failed += 1
@@ -491,55 +502,6 @@ class RequestClient:
         """A streamed text completion of ``prompt``, as ``stream_chat``."""
         payload = {"prompt": prompt, **params, "stream": True}
         return ChunkStream(self, payload, COMPLETIONS_PATH, routing_key)
-
-    async def _open_stream(
-        self,
-        payload: Mapping[str, Any],
-        path: str | None,
-        headers: Mapping[str, str] | None,
-        routing_key: str | None,
-        passthrough: bool,
-    ) -> RawStream:
-        """The retry loop of a stream, up to its first body bytes (``request``'s rules);
-        the stream then holds its target until it ends."""
-        data, path = self._prepare(payload, path)
-        dispatch = self._dispatch
-        dispatch.check_open()
-        self._metrics.started += 1
-        try:
-            config, started = self._config, 0.0
-            extra = encode_headers(headers) if headers else []
-            route = dispatch.route(payload, routing_key)
-            tried: list[Target] = []
-            for retry in range(config.max_retries + 1):
-                target = await dispatch.acquire(tried, route)
-                started = started or time.monotonic()
-                result: _Opened | _Retry | _Refused | None = None
-                self._metrics.in_flight += 1
-                sent = time.monotonic()
-                try:
-                    result = await self._open_attempt(target, path, data, extra, passthrough)
-                    if isinstance(result, _Opened):  # from here the stream gives it back
-                        return RawStream(self, target, path, result, started, passthrough)
-                finally:
-                    if not isinstance(result, _Opened):
-                        self._metrics.in_flight -= 1
-                        _release(dispatch, target, result, sent)
-                if isinstance(result, _Refused):
-                    raise result.error
-                if retry == config.max_retries:
-                    attempts = config.max_retries + 1
-                    raise RetriesExhausted(
-                        f"{path} failed {attempts} times; last: {result.error}"
-                    ) from result.error
-                self._metrics.retried += 1
-                tried.append(target)
-                if result.outcome is not Outcome.LOST:
-                    await dispatch.backoff(self._delay(retry, result), tried)
-        except Exception:
-            self._metrics.failed += 1
-            raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def chat(
         self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
@@ -913,7 +875,7 @@ class _StreamContext:
 
     async def __aenter__(self) -> RawStream:
         client, payload, path, headers, routing_key = self._open
-        self._stream = await client._open_stream(payload, path, headers, routing_key, True)
+        self._stream = await client._call(payload, path, headers, routing_key, True, stream=True)
         return self._stream
 
     async def __aexit__(
@@ -1010,4 +972,4 @@ class ChunkStream:
     async def _open(self) -> None:
         payload, path, routing_key = self._request
         self._over = False
-        self._raw = await self._client._open_stream(payload, path, None, routing_key, False)
+        self._raw = await self._client._call(payload, path, None, routing_key, False, stream=True)
