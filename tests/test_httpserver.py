@@ -46,6 +46,8 @@ class App:
             raise RuntimeError("a bug in the handler")
         elif request.path == "/silent":
             return
+        elif request.path == "/inject":  # a handler bug: a header value with CR LF
+            await responder.respond(200, b"", [(b"x-a", b"1\r\nx-injected: yes")])
         else:
             await responder.respond(404, b"no", [])
 
@@ -189,3 +191,60 @@ async def test_expect_100_continue_is_honoured() -> None:
             await stream.send(b"ok")
             with anyio.fail_after(5):
                 assert b"POST /echo ? ok" in await stream.receive()
+
+
+async def test_an_http10_client_gets_a_close_delimited_stream() -> None:
+    async with serving(App()) as url:
+        answer = await raw(url, b"GET /stream HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_an_http10_client_with_keep_alive_keeps_its_connection() -> None:
+    request = b"GET /echo?%d HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+    async with serving(App()) as url:
+        answer = await raw(url, request % 1 + b"GET /echo?2 HTTP/1.0\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200") == 2
+    assert b"connection: keep-alive" in answer and answer.endswith(b"?2 ")
+
+
+async def test_a_header_with_cr_lf_from_the_handler_is_a_500_not_a_split_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(App()) as url:
+        answer = await raw(url, b"GET /inject HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 500 ") and b"x-injected" not in answer
+    assert "CR, LF or NUL" in caplog.text
+
+
+async def test_pipelined_requests_across_reads_and_split_byte_by_byte() -> None:
+    data = b"POST /echo?1 HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+    data += b"POST /echo?2 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    data += b"2\r\nde\r\n1\r\nf\r\n0\r\n\r\n"
+    data += b"GET /echo?3 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    async with serving(App()) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            for index in range(len(data)):
+                await stream.send(data[index : index + 1])
+                if index % 3 == 0:
+                    await anyio.sleep(0.001)  # separate reads (most of the time)
+            answer = b""
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        answer += await stream.receive()
+                    except anyio.EndOfStream:
+                        break
+    assert answer.count(b"HTTP/1.1 200") == 3
+    assert answer.index(b"POST /echo ?1 abc") < answer.index(b"POST /echo ?2 def")
+    assert answer.index(b"?2 def") < answer.index(b"GET /echo ?3 ")
+
+
+async def test_a_head_request_gets_the_length_and_no_body() -> None:
+    async with serving(App()) as url:
+        answer = await raw(url, b"HEAD /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n")
+    assert b"content-length: 13\r\n" in answer  # "HEAD /echo ? "
