@@ -468,12 +468,33 @@ def post(path: str, body: dict[str, Any]) -> bytes:
 
 
 async def test_a_whole_request_is_cancelled_on_the_replica_when_its_client_leaves() -> None:
-    async with fronted(dummy(latency=30), replicas=1) as (pool, front):
+    async with fronted(process("--model", "dummy", "--latency", "30"), replicas=1) as (pool, front):
+        (replica,) = pool.replicas
         host, port = front.url.removeprefix("http://").split(":")
         async with await anyio.connect_tcp(host, int(port)) as stream:
             await stream.send(post("/v1/chat/completions", {"messages": MESSAGES}))
             await eventually(lambda: pool.replicas[0].in_flight == 1, within=5)
         await eventually(lambda: pool.replicas[0].in_flight == 0, within=5)
+        async with httpx.AsyncClient() as client:  # and the replica itself stopped
+            stats_url = f"{replica.base_url}/dummy/stats"
+            with anyio.fail_after(5):  # in flight there: the stats request itself only
+                while (await client.get(stats_url)).json()["in_flight"] > 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+
+
+async def test_a_request_timing_out_stops_its_attempt_on_the_replica() -> None:
+    """The anchor bug: a retry or a timeout left the first attempt decoding."""
+    config = process("--model", "dummy", "--latency", "30", request_timeout=0.5, max_retries=0)
+    async with open_pool(config, replicas=1) as pool:
+        await pool.wait_ready()
+        with pytest.raises(servescope.RetriesExhausted):
+            await pool.chat(MESSAGES)
+        (replica,) = pool.replicas
+        async with httpx.AsyncClient() as client:
+            stats_url = f"{replica.base_url}/dummy/stats"
+            with anyio.fail_after(5):
+                while (await client.get(stats_url)).json()["in_flight"] > 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
 
 
 async def test_an_ejected_replica_s_requests_in_flight_are_sent_to_another() -> None:

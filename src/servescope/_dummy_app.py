@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -24,6 +24,7 @@ from ._faults import Fault, FaultSchedule, parse_fault
 
 __all__ = ["DEFAULT_TEXT", "DummyApp", "DummySettings"]
 
+_T = TypeVar("_T")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -118,11 +119,15 @@ class DummyApp:
             self._authorize(headers, path)
             fault = self._fault(headers, path)
             body = await _read_body(receive)
-            if fault.delay:
-                await anyio.sleep(fault.delay)
-            if fault.status is not None:
-                raise _HTTPError(fault.status, "injected fault", retry_after=fault.retry_after)
-            status, payload = await self._route(method, path, body)
+            if fault.delay or self.settings.latency:  # it "generates" a while: abort if
+                answer = await _unless_disconnected(
+                    receive, self._answered(fault, method, path, body)
+                )
+                if answer is None:
+                    return  # the client went away: no answer, as vLLM's with_cancellation
+                status, payload = answer
+            else:
+                status, payload = await self._answered(fault, method, path, body)
         except _HTTPError as exc:
             status, payload = exc.status, _error_body(str(exc), exc.kind)
             fault = Fault(retry_after=exc.retry_after)
@@ -132,6 +137,15 @@ class DummyApp:
             await _send_events(send, receive, payload, self.settings.token_latency)
         else:
             await _send_json(send, status, payload, fault)
+
+    async def _answered(
+        self, fault: Fault, method: str, path: str, body: bytes
+    ) -> tuple[int, dict[str, Any] | list[dict[str, Any]]]:
+        if fault.delay:
+            await anyio.sleep(fault.delay)
+        if fault.status is not None:
+            raise _HTTPError(fault.status, "injected fault", retry_after=fault.retry_after)
+        return await self._route(method, path, body)
 
     def _authorize(self, headers: dict[bytes, bytes], path: str) -> None:
         key = self.settings.api_key
@@ -346,6 +360,29 @@ async def _send_events(
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         tg.cancel_scope.cancel()
+
+
+async def _unless_disconnected(receive: Receive, work: Awaitable[_T]) -> _T | None:
+    """``work``'s result, or ``None`` if the client disconnects first (``work`` is then
+    cancelled, as an engine aborts a request whose client went away)."""
+    result: list[_T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result.append(await work)
+        except Exception as exc:  # raised below, not wrapped in the group's ExceptionGroup
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return result[0] if result else None
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
