@@ -520,3 +520,29 @@ async def test_an_ejected_replica_s_requests_in_flight_are_sent_to_another() -> 
         assert texts == ["alive"] * 4
         assert [info.index for info in pool.replicas] == [1]
         frozen.thaw()
+
+
+async def test_every_worker_dead_then_back_and_a_worker_down_at_start() -> None:
+    """SGLang's router users' bugs: no recovery once every worker died and came back;
+    refusing to start while a worker was down."""
+    template = dummy(request_timeout=2.0, max_retries=1)
+    async with backends("a", "b") as (a, b), fronted(template, replicas=0) as (pool, front):
+        b.kill()  # down before the front knows it
+        pool.add_endpoint(f"http://127.0.0.1:{a.port}")
+        pool.add_endpoint(f"http://127.0.0.1:{b.port}")
+        async with httpx.AsyncClient(base_url=front.url, timeout=30) as client:
+            body = {"messages": MESSAGES}
+            await eventually(lambda: pool.ready_count() == 1)
+            assert (await client.post("/v1/chat/completions", json=body)).json()["choices"]
+            a.kill()
+            failed = await client.post("/v1/chat/completions", json=body)
+            assert failed.status_code in (502, 503, 504), failed.text
+            assert "error" in failed.json()
+            await a.start()
+            await b.start()
+            await eventually(lambda: pool.ready_count() == 2, within=20)
+            texts = set()
+            for _ in range(6):
+                reply = await client.post("/v1/chat/completions", json=body)
+                texts.add(reply.json()["choices"][0]["message"]["content"])
+            assert texts == {"a", "b"}

@@ -671,9 +671,18 @@ def config_of(config: ServerConfig | Sequence[ServerConfig]) -> ServerConfig:
 
 
 def _endpoint_config(template: ServerConfig, url: str, api_key: str | None) -> EndpointConfig:
-    """An endpoint replica at ``url`` with the pool's request settings; ``ConfigError``
-    naming what is wrong with the URL or key (never quoting the key)."""
-    fields = ("request_timeout", "connect_timeout", "max_concurrency", "max_retries", "use_chat")
+    """An endpoint replica at ``url`` with the pool's request and health settings;
+    ``ConfigError`` naming what is wrong with the URL or key (never quoting the key)."""
+    fields = (
+        "request_timeout",
+        "connect_timeout",
+        "max_concurrency",
+        "max_retries",
+        "use_chat",
+        "health_interval",
+        "health_timeout",
+        "unhealthy_after",
+    )
     values = {name: getattr(template, name) for name in fields}
     values.update(url=url, model=template.model)
     if api_key is not None:
