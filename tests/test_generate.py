@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -16,9 +17,26 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
 
-from servescope import ConfigError, DummyConfig, open_server
-from servescope._generate import Counts, Job, _line, _parse, prepare, resume, run_job
+from servescope import ConfigError, DummyConfig, _generate, cli, open_server
+from servescope._generate import (
+    DONE,
+    PENDING,
+    SENT,
+    Counts,
+    IdSet,
+    Job,
+    _line,
+    _parse,
+    prepare,
+    resume,
+    run_job,
+)
+from servescope._loadconfig import load_pool_config
+from servescope._redact import Redactor
 
 SURROGATE = json.loads('"\\ud800"')  # a lone surrogate: not encodable as UTF-8
 
@@ -51,7 +69,7 @@ def make_job(tmp_path: Path, lines: list[str], **options: Any) -> Job:
 async def run(job: Job, progress: Recorder | None = None, **config: Any) -> Counts:
     """The job through ``prepare`` and ``run_job`` on the in-process dummy."""
     with anyio.fail_after(30), prepare(job) as prepared:
-        counts = Counts(total=prepared.total)
+        counts = prepared.counts()
         async with open_server(DummyConfig(**config)) as server:
             await run_job(server, job, prepared, progress or Recorder(), counts)
     return counts
@@ -96,7 +114,8 @@ def test_lone_surrogates_are_written_as_valid_json_and_resumed(tmp_path: Path) -
     assert _line({"id": 1, "text": "é"}) == '{"id": 1, "text": "é"}\n'.encode()  # as before
     output = tmp_path / "out.jsonl"
     output.write_bytes(data + _line({"id": 2}))
-    assert resume(output) == {json.dumps(SURROGATE + "x"), "2"}
+    done = resume(output)
+    assert len(done) == 2 and SURROGATE + "x" in done and 2 in done and "2" not in done
 
 
 def test_a_locked_output_is_refused(tmp_path: Path) -> None:
@@ -109,7 +128,7 @@ def test_a_locked_output_is_refused(tmp_path: Path) -> None:
         assert str(job.output) in str(caught.value)
     assert job.output.read_text().endswith('{"id": 1, "te')  # refused before resume cut it
     with prepare(job) as prepared:  # the lock is held for the whole block
-        assert prepared.done == {"0"} and prepared.total == 1
+        assert 0 in prepared.ids and prepared.total == 1 and prepared.skipped == 0
         with pytest.raises(ConfigError, match="another servescope generate job"):
             check(job)
     check(job)  # released at the end
@@ -153,7 +172,7 @@ def test_unwritable_locations_are_refused(tmp_path: Path, case: int) -> None:
 def test_a_good_job_makes_no_errors_file(tmp_path: Path) -> None:
     job = make_job(tmp_path, [json.dumps({"id": 1, "prompt": "x"})])
     with prepare(job) as prepared:
-        assert prepared.done == set() and job.output.exists()
+        assert len(prepared.ids) == 1 and prepared.left == 1 and job.output.exists()
     assert not job.errors.exists()
 
 
@@ -218,3 +237,155 @@ async def test_a_truncated_input_is_noticed(tmp_path: Path) -> None:
     again = await run(job)
     assert not again.input_shrank and again.skipped == counts.succeeded
     assert sorted(r["id"] for r in records(job.output)) == list(range(1000))
+
+
+async def generate(argv: list[str]) -> tuple[int, str]:
+    """``servescope generate ARGV`` in this process (on this test's event loop)."""
+    args = cli._parser().parse_args(["generate", *argv, "--progress", "none"])
+    config, _ = load_pool_config(cli._config_values(args))
+    shown = io.StringIO()
+    code = await cli._generate(args, config, None, Console(file=shown, width=200), Redactor())
+    return code, " ".join(shown.getvalue().split())
+
+
+@pytest.mark.anyio
+async def test_a_finished_job_starts_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [json.dumps({"id": i, "prompt": f"p{i}"}) for i in range(20)]
+    job = make_job(tmp_path, [*lines, "not json", json.dumps({"id": 3, "prompt": "again"})])
+    await run(job)
+    finished = job.output.read_bytes()
+    started: list[object] = []
+    serving = cli._serving
+
+    def spy(*args: Any) -> Any:
+        started.append(args)
+        return serving(*args)
+
+    monkeypatch.setattr(cli, "_serving", spy)
+    argv = [str(job.input), "-o", str(job.output)]
+    code, shown = await generate(argv)
+    assert code == 0 and started == []
+    # Line 22 repeats a done id: skipped as done (as before), no longer a duplicate.
+    assert "0 left of 22 lines: 21 done, 1 malformed" in shown and "no server started" in shown
+    assert "already done (skipped)" in shown and "written ok" in shown  # the usual summary
+    assert job.output.read_bytes() == finished
+    errors = records(job.errors)  # this run's malformed lines, reported all the same
+    assert [e["line"] for e in errors] == [21] and "not JSON" in errors[0]["error"]
+    # One line left: now the server starts (the spy sees it), and only that line is sent.
+    job.input.write_text(job.input.read_text() + json.dumps({"id": "new", "prompt": "x"}) + "\n")
+    code, shown = await generate(argv)
+    assert code == 0 and len(started) == 1
+    assert sorted(map(str, (r["id"] for r in records(job.output)))) == sorted(
+        [*map(str, range(20)), "new"]
+    )
+
+
+def colliding(size: int) -> Callable[..., Any]:
+    """A stand-in for ``blake2b`` whose digests of ids ``"a..."`` share all but the last
+    byte, and whose bucket is the same for every id: the worst case for the search."""
+
+    class Digest:
+        def __init__(self, data: bytes, digest_size: int) -> None:
+            assert digest_size == size
+            self.data = data
+
+        def digest(self) -> bytes:
+            tail = self.data[-1:] * 3
+            return (b"\0\0" + b"x" * size)[: size - 3] + tail
+
+    return Digest
+
+
+def test_ids_set_apart_by_the_last_digest_byte_are_distinct(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_generate, "blake2b", colliding(_generate.DIGEST))
+    ids = IdSet()
+    assert ids.add("a", DONE) is None and ids.add("b", PENDING) is None
+    assert ids.get("a") == DONE and ids.get("b") == PENDING and ids.get("c") is None
+    assert ids.put("b", SENT) == PENDING and ids.get("b") == SENT and len(ids) == 2
+
+
+def test_a_digest_found_across_two_records_is_no_match() -> None:
+    ids = IdSet()
+    bucket = ids._buckets[0]
+    # Two records whose bytes, read across their boundary, spell a third id's digest.
+    first, second = bytes(range(1, 16)) + b"\1", bytes(range(16, 31)) + b"\1"
+    bucket += first + second
+    needle = (first + second)[8:23]
+
+    class Fixed:
+        def __init__(self, data: bytes, digest_size: int) -> None:
+            pass
+
+        def digest(self) -> bytes:
+            return b"\0\0" + needle
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_generate, "blake2b", Fixed)
+        assert ids.get("x") is None
+        assert ids.add("x", PENDING) is None and ids.get("x") == PENDING
+    assert bytes(bucket[:32]) == first + second and len(bucket) == 48
+
+
+def test_ids_of_different_types_are_distinct() -> None:
+    ids = IdSet()
+    assert ids.add(1, DONE) is None
+    assert ids.get("1") is None and ids.get(True) is None and 1 in ids
+    assert ids.add("1", PENDING) is None and ids.get(1) == DONE and ids.get("1") == PENDING
+    assert ids.add(True, DONE) is None and len(ids) == 2  # no input id is a bool: not kept
+    assert ids.add([1], DONE) is None and ids.add(1.0, DONE) is None and len(ids) == 2
+    assert ids.add(SURROGATE, DONE) is None and SURROGATE in ids and SURROGATE + "x" not in ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.integers(), st.text(max_size=5)),
+            st.sampled_from([None, DONE, PENDING, SENT]),
+            st.booleans(),
+        )
+    )
+)
+def test_ids_set_is_a_mapping(operations: list[tuple[str | int, int | None, bool]]) -> None:
+    """Against a dict: ``put`` (replace or not) answers the state before, as a dict would."""
+    ids, model = IdSet(), dict[str, int]()
+    for key, state, replace in operations:
+        name = json.dumps(key)
+        assert ids.put(key, state, replace=replace) == model.get(name)
+        if state is not None and (replace or name not in model):
+            model[name] = state
+        assert len(ids) == len(model)
+    assert all(ids.get(json.loads(name)) == state for name, state in model.items())
+
+
+@pytest.mark.anyio
+async def test_duplicates_are_reported_on_every_run_and_sent_once(tmp_path: Path) -> None:
+    lines = [json.dumps({"id": i % 5, "prompt": f"p{i}"}) for i in range(8)]  # 5..7 repeat
+    lines.append(json.dumps({"prompt": "no id: its line number, 9"}))
+    lines.append(json.dumps({"id": 9, "prompt": "the same id as line 9's"}))
+    job = make_job(tmp_path, lines)
+    counts = await run(job)
+    assert (counts.succeeded, counts.malformed, counts.skipped) == (6, 4, 0)
+    assert sorted(r["id"] for r in records(job.output)) == [0, 1, 2, 3, 4, 9]
+    assert [e["line"] for e in records(job.errors)] == [6, 7, 8, 10]
+    assert all("duplicate id" in e["error"] for e in records(job.errors))
+    again = await run(job)  # a repeat of a done id is skipped as done, as before
+    assert (again.succeeded, again.malformed, again.skipped) == (0, 0, 10)
+    assert len(records(job.output)) == 6
+
+
+@pytest.mark.anyio
+async def test_a_half_done_job_sends_only_the_rest(tmp_path: Path) -> None:
+    lines = [json.dumps({"id": f"k{i}", "prompt": f"p{i}"}) for i in range(300)]
+    job = make_job(tmp_path, lines)
+    job.output.write_text("".join(json.dumps({"id": f"k{i}"}) + "\n" for i in range(0, 300, 2)))
+    with prepare(job) as prepared:
+        assert (prepared.total, prepared.left, prepared.skipped) == (300, 150, 150)
+        assert len(prepared.send) <= 300 // 8 + 4097  # a bit a line
+    counts = await run(job)
+    assert (counts.succeeded, counts.skipped, counts.read) == (150, 150, 300)
+    assert sorted(r["id"] for r in records(job.output)) == sorted(f"k{i}" for i in range(300))

@@ -391,8 +391,19 @@ async def _generate(
 ) -> int:
     job = _job(args, config, pool, redact)
     caught: list[int] = []
-    with prepare(job) as prepared:  # checks and locks before the server starts
-        counts = Counts(total=prepared.total)
+    with prepare(job) as prepared:  # checks, locks and plans before the server starts
+        counts = prepared.counts()
+        if prepared.left == 0:  # nothing to send: no server to start
+            console.print(
+                f"servescope generate: nothing left to do in {str(job.input)!r} (0 left of "
+                f"{counts.total} lines: {counts.skipped} done, {counts.malformed} malformed); "
+                "no server started"
+            )
+            from ._generate import NoServer  # (cli.py's imports are shared)
+
+            idle: Any = NoServer()  # the summary's latency rows: "-"
+            _summary(console, counts, idle)
+            return 0
         progress = _progress(args, console)
         server: Server | Pool | None = None
         try:
