@@ -389,3 +389,57 @@ async def test_a_half_done_job_sends_only_the_rest(tmp_path: Path) -> None:
     counts = await run(job)
     assert (counts.succeeded, counts.skipped, counts.read) == (150, 150, 300)
     assert sorted(r["id"] for r in records(job.output)) == sorted(f"k{i}" for i in range(300))
+
+
+def as_json_loads(text: str | bytes) -> object:
+    """What ``json.loads`` makes of ``text``: the value, or the error as a string."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    except RecursionError:
+        return "nested too deeply"
+
+
+def as_fast(read: Callable[[Any], object], text: str | bytes) -> object:
+    try:
+        return read(text)
+    except ValueError as exc:
+        return str(exc)
+    except RecursionError:
+        return "nested too deeply"
+
+
+TRICKY = [
+    '{"id": 1}\n', '{"id": 1} \t\r\n', ' {"id": 1}', '{"id": 1} x', '{"id": 1}{}', "",
+    " ", "\ufeff{}", "1 2", '{"a": NaN}', " " + "[" * 100_000, "[" * 100_000 + "]",
+    '{"id": "\\ud800"}', "{}\n\n", "{}\x0c", '{"id": 1', '{"a": 1, "a": 2}', "[1, 2]",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_input_lines_read_as_json_loads_reads_them(text: str) -> None:
+    want = as_json_loads(text)
+    if not isinstance(want, str | dict):
+        want = f"expected a JSON object, got {type(want).__name__}"
+    got = as_fast(_generate._record, text)
+    assert got == want or (want == "nested too deeply" and "nested too deeply" in str(got))
+
+
+@pytest.mark.parametrize("raw", [t.encode("utf-8", "surrogatepass") for t in TRICKY])
+def test_output_lines_read_as_json_loads_reads_them(raw: bytes) -> None:
+    got, want = as_fast(_generate._load_result, raw), as_json_loads(raw)
+    assert got == want or f"not JSON: {got}" == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=' {}[]"\\:,0123456789.eE+-nultrfasx\n\t\ud800é', max_size=30))
+def test_any_text_reads_as_json_loads_reads_it(text: str) -> None:
+    want = as_json_loads(text)
+    if not isinstance(want, str | dict):
+        want = f"expected a JSON object, got {type(want).__name__}"
+    assert as_fast(_generate._record, text) == want
+    raw = text.encode("utf-8", "surrogatepass")
+    want_raw = as_json_loads(raw)
+    got_raw = as_fast(_generate._load_result, raw)
+    assert got_raw == want_raw or f"not JSON: {got_raw}" == want_raw

@@ -20,16 +20,16 @@ record holding one is written with ``\\u`` escapes, which read back as the same 
 
 Memory does not hold the ids themselves. ``prepare`` reads the output (the ids done),
 then the input, once each, before any server starts, and plans the run: an ``IdSet``
-remembers each id as a 142-bit BLAKE2b digest (16 bytes, in 65,536 buckets of sorted
-arrays, the id's state in two spare bits: done, to send, sent), and a bitmap of input
-line numbers (one bit a line) marks the lines to send. The run parses only those lines; a
-done line is skipped on its bit alone, and a job with nothing left to send starts no
-server at all. The bookkeeping is 16 bytes per distinct id and one bit per line (about
-160 MiB at 10 million prompts, against ~100 bytes per id for a ``set`` of strings).
+remembers each id as a 136-bit BLAKE2b digest and a state byte (done, to send, sent): 16
+bytes, in 65,536 ``bytearray`` buckets; and a bitmap of input line numbers (a bit a line)
+marks the lines to send. The run parses only those lines; a done line is skipped on its
+bit alone, and a job with nothing left to send starts no server at all. That is 16 bytes
+per distinct id and a bit per line (about 160 MiB at 10 million prompts, where a ``set``
+of the ids' JSON text took ~100 bytes an id, 1 GiB).
 
 Digests are not confirmed against the ids: two different ids could in principle collide,
 and the second be taken for the first (skipped as done, or reported as a duplicate).
-With 142 bits, the chance that any two of n ids collide is below n² / 2¹⁴³: about 10⁻²⁹
+With 136 bits, the chance that any two of n ids collide is below n² / 2¹³⁷: about 10⁻²⁷
 for n = 10⁷, far below the chance of a memory error flipping the same bit. Ids are
 digested in a form that keeps ``1``, ``"1"`` and ``true`` apart, as their JSON text did.
 """
@@ -230,22 +230,18 @@ class IdSet:
         return None
 
 
-def _loads(text: str) -> Any:
-    """``json.loads(text)``, the same value or the same error, in a third of the time
-    for a line: the scanner straight, when the text is one value and then whitespace."""
-    try:
-        value, end = _scan(text, 0)
-    except StopIteration:
-        return json.loads(text)  # raises what it would have: bad JSON, a BOM, ...
-    if end == len(text) or not text[end:].strip(" \t\n\r"):  # json's whitespace
-        return value
-    return json.loads(text)  # raises "Extra data"
-
-
 def _load_result(raw: bytes) -> Any:
-    """``json.loads(raw)`` for an output line (the bytes as ``json.loads`` decodes them)."""
+    """``json.loads(raw)`` for an output line: the same value or the same error, in a
+    third of the time (the scanner straight, when the line is one value and whitespace;
+    ``json.loads`` itself otherwise, to say what is wrong)."""
     if raw.startswith(b'{"'):  # what json.loads detects as UTF-8
-        return _loads(raw.decode("utf-8", "surrogatepass"))
+        text = raw.decode("utf-8", "surrogatepass")
+        try:
+            value, end = _scan(text, 0)
+        except StopIteration:
+            return json.loads(raw)
+        if end == len(text) or not text[end:].strip(" \t\n\r"):
+            return value
     return json.loads(raw)
 
 
@@ -272,7 +268,7 @@ def resume(output: Path, ids: IdSet | None = None) -> IdSet:
                         f"({raw[:EXCERPT]!r}); refusing to append to this file"
                     )
                 break
-            ids.add(record["id"], DONE)
+            ids.put(record["id"], DONE, replace=False)
             good_end += len(raw)
     if good_end != output.stat().st_size:
         with output.open("r+b") as file:
@@ -283,7 +279,12 @@ def resume(output: Path, ids: IdSet | None = None) -> IdSet:
 def _record(text: str) -> dict[str, Any]:
     """An input line's JSON object; ``ValueError`` says what is wrong."""
     try:
-        record = _loads(text)
+        try:
+            record, end = _scan(text, 0)  # _loads, inlined: it runs once per input line
+        except StopIteration:  # no value at 0: json.loads says what is wrong, if anything
+            record, end = json.loads(text), len(text)
+        if end != len(text) and text[end:].strip(" \t\n\r"):  # json's whitespace
+            record = json.loads(text)  # raises "Extra data"
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     except RecursionError:
@@ -471,7 +472,7 @@ def _plan(job: Job, prepared: Prepared) -> None:
                 _malformed(job, prepared.errors, number, str(exc), text)
                 continue
             key = number if key is None else key
-            state = ids.add(key, PENDING)
+            state = ids.put(key, PENDING, replace=False)
             if state is None:
                 prepared.left += 1
                 prepared.mark(number)
