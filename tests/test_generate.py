@@ -12,6 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -309,11 +310,11 @@ def test_ids_set_apart_by_the_last_digest_byte_are_distinct(
 
 
 def test_a_digest_found_across_two_records_is_no_match() -> None:
-    ids = IdSet()
-    bucket = ids._buckets[0]
+    ids = IdSet(1_000_000)  # room for more than two records in a bucket
     # Two records whose bytes, read across their boundary, spell a third id's digest.
     first, second = bytes(range(1, 16)) + b"\1", bytes(range(16, 31)) + b"\1"
-    bucket += first + second
+    ids._slab[:32] = first + second
+    ids._fill[0] = 32
     needle = (first + second)[8:23]
 
     class Fixed:
@@ -327,7 +328,30 @@ def test_a_digest_found_across_two_records_is_no_match() -> None:
         patch.setattr(_generate, "blake2b", Fixed)
         assert ids.get("x") is None
         assert ids.add("x", PENDING) is None and ids.get("x") == PENDING
-    assert bytes(bucket[:32]) == first + second and len(bucket) == 48
+    assert bytes(ids._slab[:32]) == first + second and ids._fill[0] == 48
+
+
+@pytest.mark.parametrize("expected", [0, 100_000])
+def test_a_bucket_past_its_slot_goes_on_apart(
+    monkeypatch: pytest.MonkeyPatch, expected: int
+) -> None:
+    """Every id in one bucket (the stand-in digest): the slot fills, the rest spill."""
+
+    class OneBucket:
+        def __init__(self, data: bytes, digest_size: int) -> None:
+            self.data = data
+
+        def digest(self) -> bytes:
+            return b"\0\0" + blake2b(self.data, digest_size=15).digest()
+
+    ids = IdSet(expected)
+    monkeypatch.setattr(_generate, "blake2b", OneBucket)
+    for key in range(100):
+        assert ids.add(key, DONE) is None
+    assert ids._overflow and len(ids) == 100
+    for key in range(100):
+        assert ids.put(key, SENT) == DONE and ids.get(key) == SENT
+    assert ids.get(100) is None and ids.get("0") is None and len(ids) == 100
 
 
 def test_ids_of_different_types_are_distinct() -> None:
