@@ -20,12 +20,13 @@ record holding one is written with ``\\u`` escapes, which read back as the same 
 
 Memory does not hold the ids themselves. ``prepare`` reads the output (the ids done),
 then the input, once each, before any server starts, and plans the run: an ``IdSet``
-remembers each id as a 136-bit BLAKE2b digest and a state byte (done, to send, sent): 16
-bytes, in 65,536 ``bytearray`` buckets; and a bitmap of input line numbers (a bit a line)
-marks the lines to send. The run parses only those lines; a done line is skipped on its
-bit alone, and a job with nothing left to send starts no server at all. That is 16 bytes
-per distinct id and a bit per line (about 160 MiB at 10 million prompts, where a ``set``
-of the ids' JSON text took ~100 bytes an id, 1 GiB).
+remembers each id as a 136-bit BLAKE2b digest and a state byte (done, to send, sent), 16
+bytes, in slots of one ``bytearray`` sized from the files' line counts; and a bitmap of
+input line numbers (a bit a line) marks the lines to send. The run parses only those
+lines; a done line is skipped on its bit alone, and a job with nothing left to send
+starts no server at all. That is about 18 bytes per distinct id with the slots' slack,
+and a bit per line: peak memory 228 MiB for a job of 10 million prompts, all told, where
+a ``set`` of the ids' JSON text took ~100 bytes an id (~1 GiB).
 
 Digests are not confirmed against the ids: two different ids could in principle collide,
 and the second be taken for the first (skipped as done, or reported as a duplicate).
