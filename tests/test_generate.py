@@ -387,7 +387,7 @@ def test_ids_set_is_a_mapping(operations: list[tuple[str | int, int | None, bool
 
 
 @pytest.mark.anyio
-async def test_duplicates_are_reported_on_every_run_and_sent_once(tmp_path: Path) -> None:
+async def test_duplicates_are_reported_and_sent_once(tmp_path: Path) -> None:
     lines = [json.dumps({"id": i % 5, "prompt": f"p{i}"}) for i in range(8)]  # 5..7 repeat
     lines.append(json.dumps({"prompt": "no id: its line number, 9"}))
     lines.append(json.dumps({"id": 9, "prompt": "the same id as line 9's"}))
@@ -466,3 +466,23 @@ def test_any_text_reads_as_json_loads_reads_it(text: str) -> None:
     assert as_fast(_generate._record, text) == as_record(text)
     raw = text.encode("utf-8", "surrogatepass")
     assert as_fast(_generate._load_result, raw) == as_json_loads(raw)
+
+
+@pytest.mark.anyio
+async def test_an_input_changed_after_the_plan_sends_no_id_twice(tmp_path: Path) -> None:
+    """The run checks each line it sends again: lines rewritten between the plan and the
+    run to hold a done id, or one sent already, are not sent (a new id is)."""
+    lines = [json.dumps({"id": i, "prompt": f"p{i}"}) for i in range(6)]
+    job = make_job(tmp_path, lines)
+    job.output.write_text(json.dumps({"id": 0}) + "\n")
+    with anyio.fail_after(30), prepare(job) as prepared:
+        assert prepared.left == 5
+        new = json.dumps({"id": 9, "prompt": "x"})
+        changed = [lines[0], lines[0], lines[1], lines[1], "{", new]
+        job.input.write_text("".join(line + "\n" for line in changed))
+        counts = prepared.counts()
+        async with open_server(DummyConfig()) as server:
+            await run_job(server, job, prepared, Recorder(), counts)
+    assert sorted(r["id"] for r in records(job.output)) == [0, 1, 9]
+    assert (counts.succeeded, counts.skipped, counts.malformed) == (2, 2, 2)
+    assert [e["line"] for e in records(job.errors)] == [4, 5]
