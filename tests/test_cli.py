@@ -599,3 +599,20 @@ def test_serve_refuses_a_front_url_it_cannot_use_before_starting() -> None:
     assert bad.returncode == 2 and "--register-with must start with http://" in bad.stderr
     lonely = run("serve", "--advertise-url", "http://10.0.0.1:8000")
     assert lonely.returncode == 2 and "--register-with" in lonely.stderr
+
+
+def test_ctrl_c_while_a_big_job_is_planned_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    prompts = tmp_path / "big.jsonl"
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "p"}}\n' for i in range(1_000_000)))
+    job = subprocess.Popen(
+        [str(SCRIPT), "generate", str(prompts), "-o", str(tmp_path / "out.jsonl")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.8)  # the interpreter is up; the plan reads 1,000,000 lines (seconds)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted; rerun the same command to resume" in err

@@ -71,9 +71,7 @@ __all__ = [
     "Prepared",
     "Progress",
     "Prompt",
-    "count_lines",
     "prepare",
-    "read_prompts",
     "resume",
     "run_job",
 ]
@@ -354,29 +352,6 @@ def _parse(line: int, text: str) -> Prompt:
         params,
         key is None,
     )
-
-
-def read_prompts(path: Path) -> Iterator[tuple[int, str, Prompt | ValueError]]:
-    """Each non-blank input line: its number, its text, and the prompt or the problem.
-
-    Lines and blanks are told apart on bytes, exactly as ``count_lines`` does, so that
-    the lines read can be checked against the count taken at the start.
-    """
-    with path.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            if not raw.strip():
-                continue
-            text = raw.decode("utf-8", errors="replace")
-            try:
-                yield number, text, _parse(number, text)
-            except ValueError as exc:
-                yield number, text, exc
-
-
-def count_lines(path: Path) -> int:
-    """Non-blank lines in ``path`` (the progress total)."""
-    with path.open("rb") as file:
-        return sum(1 for raw in file if raw.strip())
 
 
 def _line(record: dict[str, Any]) -> bytes:

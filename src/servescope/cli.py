@@ -655,6 +655,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             redact = logs.redact = _redactor(values, config)
             run = _generate if args.command == "generate" else _serve
             code = anyio.run(run, args, config, pool, console, redact)
+    except KeyboardInterrupt:  # before the signal handling is set up (generate's plan)
+        code = 128 + signal.SIGINT
+        _error(console, "servescope: interrupted; rerun the same command to resume")
     except (ServeError, OSError) as exc:
         # Bad usage, config or input files: 2; the server failed: 1.
         code = 2 if isinstance(exc, ConfigError | OSError) else 1
