@@ -609,3 +609,190 @@ async def test_stream_errors_before_the_head_are_httpx_errors() -> None:
         sock.bind(("127.0.0.1", 0))
         with pytest.raises(httpx.ConnectError):
             await SlotTransport().open_stream(f"http://127.0.0.1:{sock.getsockname()[1]}/", b"")
+
+
+# -- HTTP/1.1 framing, written by hand and parsed by llhttp -------------------------------
+
+SPLIT = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Long:  a b \t\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    b'3;name=value;x\r\n{"a\r\n5;ext="q"\r\n": 1}\r\n0;last\r\nx-trailer: t\r\n\r\n'
+)
+
+
+@pytest.mark.parametrize("pieces", [1, len(SPLIT)], ids=["byte-by-byte", "whole"])
+async def test_response_split_anywhere_with_chunk_extensions(pieces: int) -> None:
+    """A 1xx head, a chunked body with extensions and a trailer, sent byte by byte (or at
+    once): the same reply, and the connection reused, whether read whole or streamed."""
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        size = -(-len(SPLIT) // pieces)
+        for start in range(0, len(SPLIT), size):
+            await stream.send(SPLIT[start : start + size])
+
+    async with streaming_server(answer) as url:
+        transport = SlotTransport()
+        for _ in range(2):
+            reply = await transport.post(url, b"{}")
+            assert (reply.status, reply.content) == (200, b'{"a": 1}')
+            assert reply.header(b"x-long") == "a b"
+            assert reply.header(b"content-type") == "application/json"
+            assert reply.header(b"x-trailer") is None  # trailers are dropped
+            assert [len(idle) for idle in transport._idle.values()] == [1]
+        response = await transport.open_stream(url, b"{}")
+        assert (response.status, response.header(b"x-long")) == (200, "a b")
+        assert b"".join([piece async for piece in response]) == b'{"a": 1}'
+        assert response.complete
+        assert [len(idle) for idle in transport._idle.values()] == [1]
+        await transport.aclose()
+
+
+class Recorder:
+    """A server that records every byte each connection sends, and answers ``OK`` to
+    each request head."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.received.append(b"")
+        number = len(self.received) - 1
+        async with stream:
+            try:
+                while True:
+                    data = await stream.receive()
+                    self.received[number] += data
+                    if data.endswith(b"{}"):
+                        await stream.send(OK)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+
+
+@pytest.mark.parametrize(
+    "header",
+    [(b"x-key", SECRET + b"\r\n"), (b"x key", SECRET), (b"host", b"elsewhere")],
+    ids=["crlf", "space-in-name", "second-host"],
+)
+async def test_bad_header_is_refused_before_anything_is_sent(
+    header: tuple[bytes, bytes],
+) -> None:
+    recorder = Recorder()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    url = f"http://127.0.0.1:{port}/"
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, recorder.handle)
+        transport = SlotTransport()
+        for open_ in (transport.post, transport.open_stream):
+            with pytest.raises(httpx.LocalProtocolError) as info:
+                await open_(url, b"{}", [header])
+            assert SECRET.decode() not in str(info.value)
+        assert recorder.received == []  # not even a connection
+        assert (await transport.post(url, b"{}")).status == 200
+        await transport.aclose()
+        tg.cancel_scope.cancel()
+    assert len(recorder.received) == 1
+    assert SECRET not in recorder.received[0] and b"elsewhere" not in recorder.received[0]
+
+
+async def test_unsendable_target_and_method() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        base = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(httpx.LocalProtocolError, match="target") as info:
+            await transport.post(f"{base}/a b?key={SECRET.decode()}", b"{}")
+        assert SECRET.decode() not in str(info.value)
+        async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+            with pytest.raises(httpx.LocalProtocolError, match="method"):
+                await client.request("GE T", f"{base}/")
+            assert (await client.get(f"{base}/")).status_code == 200
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "reused"),
+    [
+        (OK, True),
+        (OK.replace(b"HTTP/1.1", b"HTTP/1.0"), False),
+        (
+            OK.replace(b"\r\n\r\n", b"\r\nconnection: keep-alive\r\n\r\n").replace(
+                b"/1.1", b"/1.0"
+            ),
+            False,
+        ),
+        (OK.replace(b"\r\n\r\n", b"\r\nConnection: Close\r\n\r\n"), False),
+        (OK + b"HTTP/1.1 200 OK\r\n", False),  # bytes past the end of the response
+        (b"HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n", True),
+    ],
+    ids=["http11", "http10", "http10-keep-alive", "close", "junk-after", "204"],
+)
+async def test_reuse_only_after_a_whole_keep_alive_http11_response(
+    answer: bytes, reused: bool
+) -> None:
+    async with raw_server(always(answer)) as server:
+        transport = SlotTransport()
+        for _ in range(2):
+            reply = await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+            assert reply.status in (200, 204)
+            assert reply.content == (b"{}" if reply.status == 200 else b"")
+            await anyio.sleep(0.01)
+        await transport.aclose()
+    assert server.connections == (1 if reused else 2)
+
+
+async def test_callers_connection_close_is_honoured() -> None:
+    async with raw_server(always(OK)) as server:
+        transport = SlotTransport()
+        for _ in range(2):
+            await transport.post(
+                f"http://127.0.0.1:{server.port}/", b"{}", [(b"connection", b"close")]
+            )
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_head_has_no_body_whatever_its_length() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n"
+    async with (
+        raw_server(lambda connection, request: (head if connection == 0 else OK, False)) as server,
+        httpx.AsyncClient(transport=SlotTransport(), timeout=5) as client,
+    ):
+        response = await client.head(f"http://127.0.0.1:{server.port}/")
+        assert (response.status_code, response.content, response.headers["x-a"]) == (200, b"", "1")
+        response = await client.get(f"http://127.0.0.1:{server.port}/")
+        assert (response.status_code, response.content) == (200, b"{}")
+    assert server.requests[0].startswith(b"HEAD / HTTP/1.1")
+    assert server.connections == 2  # llhttp would read a body: the connection ends
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nx-a: b\x00c\r\ncontent-length: 0\r\n\r\n",
+            "NUL in the value of header 'x-a'",
+        ),
+        (b"HTTP/1.1 20x OK\r\n\r\n", r"it began b'HTTP/1.1 20x OK'"),  # quoted, for redaction
+        (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", "broken HTTP response"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab", "without a complete"),
+        (b"HTTP/1.1 200 OK\r\ncontent-le", "without answering"),
+    ],
+    ids=["nul", "status", "upgrade", "cut-chunk", "cut-head"],
+)
+async def test_more_broken_responses(answer: bytes, message: str) -> None:
+    async with raw_server(always(answer, close=True)) as server:
+        transport = SlotTransport()
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        assert not transport._idle
+        await transport.aclose()
+
+
+async def test_bare_line_feeds_are_read_as_h11_read_them() -> None:
+    answer = b"HTTP/1.1 200 OK\ncontent-length: 2\n\n{}"
+    async with raw_server(always(answer)) as server:
+        transport = SlotTransport()
+        reply = await transport.post(f"http://127.0.0.1:{server.port}/", b"{}")
+        assert (reply.status, reply.content) == (200, b"{}")
+        await transport.aclose()

@@ -6,10 +6,21 @@ requests/s at 8 in flight, ~180 at 256), and httpcore's connection still takes
 several locks and timeouts per request. The request pool already bounds requests in
 flight, so all this transport keeps is a stack of idle connections per origin: a
 request pops one (or opens one), does one exchange on it, and pushes it back when
-it is reusable. Each connection is h11's HTTP/1.1 state machine (the one httpx uses)
-over an anyio byte stream; a whole exchange is one write and a few reads under one
-deadline. ``benchmarks/bench_pool.py`` measures it against httpx and against a new
-connection per request.
+it is reusable. A whole exchange is one write and a few reads under one deadline.
+``benchmarks/bench_pool.py`` measures it against httpx and against a new connection
+per request.
+
+The HTTP/1.1 itself is the front server's (``_httpserver``): a request is written by
+hand (request line, the caller's headers, each checked as h11 would, and a
+``content-length`` of ours), and a response is parsed by llhttp (httptools, the C
+parser uvicorn uses), whose callbacks fill in the exchange's status, headers and body
+pieces. h11, this transport's first parser, built, validated and state-checked an
+event object in Python for every head, piece of body and end of message, which made it
+the largest cost left in a proxied request. A connection is reused only after a whole
+response that both sides let it outlive (HTTP/1.1, no ``Connection: close``); 1xx
+heads are skipped; a body with neither a length nor chunking ends with the connection;
+a response to HEAD ends with its head (and its connection, which llhttp cannot be told
+to expect no body on); a head over ``MAX_HEAD`` bytes is an error.
 
 ``SlotTransport.post`` is the pool's fast path (bytes in, ``Reply`` out); it is also an
 ``httpx.AsyncBaseTransport``, so probes and users of ``httpx.AsyncClient`` get the same
@@ -22,7 +33,7 @@ bytes does not have httpx decode the rest.
 
 ``SlotTransport.open_stream`` is the streamed path (``"stream": true``): it returns once
 the response's head has come, and its ``ResponseStream`` hands out the body's pieces as
-they arrive (chunked, content-length or close-delimited: h11 frames them). A body read
+they arrive (chunked, content-length or close-delimited: llhttp frames them). A body read
 to its end gives its connection back for reuse; one left unfinished (closed early, a
 failed or cancelled read) closes it, which is how an engine learns that its client went
 away and aborts the generation.
@@ -41,19 +52,31 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import h11
+import httptools
 import httpx
 
-__all__ = ["MAX_BODY", "Reply", "ResponseStream", "SlotTransport", "bad_header"]
+__all__ = ["MAX_BODY", "MAX_HEAD", "Reply", "ResponseStream", "SlotTransport", "bad_header"]
 
 MAX_BODY = 64 * 1024 * 1024
 """A response body larger than this is a protocol error (a server that lies about sizes)."""
 
+MAX_HEAD = 64 * 1024
+"""A response head larger than this is a protocol error."""
+
 _READ_SIZE = 65536
-_FRAMING = (b"content-length", b"transfer-encoding")  # ours to set, from the body we send
-# h11's grammar (RFC 9110 token and field-value), to say which header it refused.
+_FRAMING, _HOST, _CONNECTION = "framing", "host", "connection"
+_SPECIAL = {  # the request headers that are more than passed on
+    b"content-length": _FRAMING,  # ours to set, from the body we send
+    b"transfer-encoding": _FRAMING,
+    b"host": _HOST,
+    b"connection": _CONNECTION,
+}
+# h11's grammar (RFC 9110 token and field-value; a target of visible ASCII): what a
+# request may carry, and which header is refused.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+_TARGET = re.compile(rb"[\x21-\x7e]+").fullmatch
+_NAMES: dict[bytes, bytes] = {}  # header names seen valid → lower case
 _USER_AGENT = b"servescope"
 
 Origin = tuple[str, str, int]  # scheme, host, port
@@ -76,13 +99,24 @@ class Reply:
         return None
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp (a broken response, or its end)."""
+
+
 class _Connection:
-    """One HTTP/1.1 connection: h11's state machine over an anyio byte stream."""
+    """One HTTP/1.1 connection over an anyio byte stream: requests written by hand,
+    responses parsed by llhttp (httptools), whose callbacks fill the exchange's state."""
 
     def __init__(self, stream: anyio.abc.ByteStream, sock: Any) -> None:
         self.stream = stream
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self.parser = httptools.HttpResponseParser(self)
+        # h11 (this transport's first parser) took any byte but NUL in a header value and
+        # a bare LF as a line end; llhttp does so with these (NUL refused in on_header).
+        self.parser.set_dangerous_leniencies(
+            lenient_headers=True, lenient_optional_cr_before_lf=True
+        )
+        self.idle = True  # between exchanges, reusable as far as HTTP goes
         self.idle_since = time.monotonic()
         # poll, not select: select refuses descriptors past 1023, and every connection
         # would then look unusable after one request.
@@ -90,11 +124,20 @@ class _Connection:
         if sock is not None:
             self._poller = select.poll()
             self._poller.register(sock, select.POLLIN)
-
-    @property
-    def idle(self) -> bool:
-        """Between exchanges, with the keep-alive cycle restarted."""
-        return self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
+        # the exchange under way
+        self.bodiless = False  # a HEAD: the response has no body, whatever its head says
+        self.keep = False  # both sides allow another exchange (so far)
+        self.head_done = False  # the final (not 1xx) head has come
+        self.done = False  # the whole response has come
+        self.status = 0
+        self.headers: Headers = []
+        self.body: list[bytes] = []  # pieces not handed out yet
+        self.size = 0  # body bytes
+        self.length: bytes | None = None  # the content-length header
+        self.chunked = False
+        self.head_bytes = 0  # received while the head was incomplete
+        self.start = b""  # the response's first bytes, to quote if it is broken
+        self.failure: httpx.RemoteProtocolError | None = None  # a broken body, raised next
 
     def reusable(self, keepalive_expiry: float) -> bool:
         """Idle, not expired, and not closed (or sending) from the server's side."""
@@ -107,80 +150,140 @@ class _Connection:
         except (OSError, ValueError):
             return False
 
-    async def exchange(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> Reply:
-        """Send one request and read its whole response."""
-        await self.send_request(method, target, headers, body)
-        status, response_headers, chunks, size = 0, [], [], 0
-        while True:
-            event = await self.next_event(answered=status != 0)
-            if isinstance(event, h11.Response):
-                status, response_headers = event.status_code, list(event.headers)
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY:
-                    raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError("server disconnected without a complete response")
+    async def exchange(self, request: bytes, keep: bool, bodiless: bool = False) -> Reply:
+        """Send one request (``send_request``'s arguments) and read its whole response."""
+        await self.send_request(request, keep, bodiless)
+        while not self.done:
+            await self.receive()
+            if self.size > MAX_BODY:
+                raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
         self.end_exchange()
-        return Reply(status, response_headers, b"".join(chunks))
+        pieces, self.body = self.body, []
+        content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return Reply(self.status, self.headers, content)
 
-    async def send_request(
-        self, method: bytes, target: bytes, headers: Headers, body: bytes
-    ) -> None:
-        """Write one whole request (its framing headers ours, from ``body``)."""
-        conn = self.h11
-        headers = [item for item in headers if item[0].lower() not in _FRAMING]
-        headers.append((b"content-length", str(len(body)).encode()))
+    async def send_request(self, request: bytes, keep: bool, bodiless: bool = False) -> None:
+        """Write one whole request (``request_bytes``'s); ``keep``: the request lets the
+        connection outlive the exchange; ``bodiless``: a HEAD, whose answer has no body."""
+        self.idle = False
+        self.bodiless = bodiless
+        self.keep = keep
+        self.head_done = self.done = False
+        self.status = self.size = self.head_bytes = 0
+        self.start = b""
         try:
-            events: list[h11.Event] = [h11.Request(method=method, target=target, headers=headers)]
-        except h11.LocalProtocolError as exc:
-            # Not chained: h11's message quotes the bad header's value, which may be a secret.
-            problem = bad_header(headers) or f"HTTP/1.1 cannot carry this request: {exc}"
-            raise httpx.LocalProtocolError(problem) from None
-        if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        data = b"".join(conn.send(event) or b"" for event in events)
-        try:
-            await self.stream.send(data)
+            await self.stream.send(request)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
 
-    async def next_event(self, answered: bool) -> h11.Event:
-        """The next response event, reading as needed (``answered``: its head has come)."""
-        conn = self.h11
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(f"broken HTTP response: {exc}") from exc
-            if event is h11.PAUSED:  # never: nothing reads past the end of its response
-                raise httpx.RemoteProtocolError("read past the end of the response")
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            try:
-                received = await self.stream.receive(_READ_SIZE)
-            except anyio.EndOfStream:
-                received = b""
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise httpx.ReadError(f"reading the response failed: {exc!r}") from exc
-            if not received and not answered:
-                raise httpx.RemoteProtocolError("server closed the connection without answering")
-            conn.receive_data(received)
+    async def read_head(self) -> None:
+        """Read until the response's (final) head has come; 1xx heads are skipped."""
+        while not self.head_done:
+            await self.receive()
+
+    async def receive(self) -> None:
+        """Read once and parse what came (its body pieces land in ``body``)."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            data = await self.stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            self._end_of_stream()
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise httpx.ReadError(f"reading the response failed: {exc!r}") from exc
+        if len(self.start) < 100:
+            self.start += data[: 100 - len(self.start)]
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.done:
+                stop = exc.__context__
+                reason = stop if isinstance(stop, _Stop) else exc
+                line = self.start.split(b"\n", 1)[0].rstrip(b"\r")
+                failure = httpx.RemoteProtocolError(
+                    f"broken HTTP response: {reason}; it began {line!r}"
+                )
+                if not self.head_done:
+                    raise failure from None
+                self.failure = failure  # after the body pieces that came before it
+                return
+            self.keep = False  # bytes past the end of the response (or the end of a HEAD's)
+        if not self.head_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+
+    def _end_of_stream(self) -> None:
+        """The server closed the connection: the end of a close-delimited body, or an
+        error."""
+        self.keep = False
+        if self.done:
+            return
+        if not self.head_done:
+            raise httpx.RemoteProtocolError("server closed the connection without answering")
+        if self.length is None and not self.chunked:
+            self.done = True  # no length, not chunked: the body ends with the connection
+            return
+        message = "server disconnected without a complete response"
+        if self.length is not None and not self.chunked:
+            message += f": received {self.size} bytes, expected {self.length.decode()}"
+        raise httpx.RemoteProtocolError(message)
 
     def end_exchange(self) -> None:
         """After a whole response: ready for the next request if both sides allow it."""
-        conn = self.h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+        if self.done and self.keep:
+            self.idle = True
             self.idle_since = time.monotonic()
 
     async def aclose(self) -> None:
+        self.idle = False
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
+
+    # -- llhttp's callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:  # a second response to one request
+            raise _Stop("more bytes after the response")
+        self.headers = []
+        self.length = None
+        self.chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer (after a chunked body): dropped
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        if b"\x00" in value:
+            raise _Stop(f"NUL in the value of header {name.decode('latin-1')!r}")
+        self.headers.append((name, value))
+        if name == b"content-length":
+            self.length = value
+        elif name == b"transfer-encoding":
+            self.chunked = value.lower().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            return  # informational: skipped
+        self.status = status
+        self.head_done = True
+        if self.bodiless:  # llhttp would read a body after a HEAD's head: stopped here
+            self.done, self.keep = True, False
+            raise _Stop("the end of a response to HEAD")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        if not self.head_done:
+            return  # an informational response's end
+        self.done = True
+        parser = self.parser
+        if not (parser.should_keep_alive() and parser.get_http_version() == "1.1"):
+            self.keep = False
 
 
 class ResponseStream:
@@ -224,15 +327,13 @@ class ResponseStream:
             raise httpx.ReadError("the response stream is closed")
         try:
             while True:
-                event = await connection.next_event(answered=True)
-                if isinstance(event, h11.Data):
-                    if event.data:
-                        return bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
+                pieces = connection.body
+                if pieces:
+                    connection.body = []
+                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                if connection.done:
                     break
-                elif isinstance(event, h11.ConnectionClosed):
-                    message = "server disconnected without a complete response"
-                    raise httpx.RemoteProtocolError(message)
+                await connection.receive()
         except BaseException:
             await self.aclose()
             raise
@@ -316,17 +417,15 @@ class SlotTransport(httpx.AsyncBaseTransport):
             (b"content-type", b"application/json"),
             *headers,
         ]
+        request, keep = request_bytes(b"POST", target, request_headers, body)
         connection = await self._take(origin) or await self._connect(origin)
         try:
-            await connection.send_request(b"POST", target, request_headers, body)
-            while True:  # 1xx heads are skipped; an end before the head raises
-                event = await connection.next_event(answered=False)
-                if isinstance(event, h11.Response):
-                    break
+            await connection.send_request(request, keep)
+            await connection.read_head()  # 1xx heads are skipped; an end before the head raises
         except BaseException:
             await connection.aclose()
             raise
-        return ResponseStream(self, origin, connection, event.status_code, list(event.headers))
+        return ResponseStream(self, origin, connection, connection.status, connection.headers)
 
     async def send(
         self,
@@ -342,9 +441,10 @@ class SlotTransport(httpx.AsyncBaseTransport):
         acted on it): the pool decides. Connections the server closed while idle are
         found before reuse (their socket reads as readable) and dropped.
         """
+        request, keep = request_bytes(method, target, headers, body)
         connection = await self._take(origin) or await self._connect(origin)
         try:
-            reply = await connection.exchange(method, target, headers, body)
+            reply = await connection.exchange(request, keep, method == b"HEAD")
         except BaseException:
             await connection.aclose()
             raise
@@ -411,6 +511,10 @@ class SlotTransport(httpx.AsyncBaseTransport):
         timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
         limit = timeouts.get("read")
         method = request.method.encode()
+        if _TOKEN.fullmatch(method) is None:
+            raise httpx.LocalProtocolError(
+                "the request method is not an HTTP token", request=request
+            )
         try:
             with anyio.fail_after(limit):
                 reply = await self.send(origin, method, url.raw_path, headers, body)
@@ -433,6 +537,49 @@ class SlotTransport(httpx.AsyncBaseTransport):
                 await connection.aclose()
 
 
+def request_bytes(
+    method: bytes, target: bytes, headers: Headers, body: bytes
+) -> tuple[bytes, bool]:
+    """One request as it goes on the wire, its framing ours (a ``content-length`` from
+    ``body``; the caller's framing headers dropped), and whether it lets its connection
+    outlive the exchange (no ``Connection: close``).
+
+    What HTTP/1.1 cannot carry is ``httpx.LocalProtocolError``, as h11 would have it: a
+    header name not a token, a value with a line break, NUL or whitespace at an end (the
+    header named, never its value), a target with a space or control byte (not shown: a
+    query may hold a key), no ``Host`` or two."""
+    if _TARGET(target) is None:
+        message = "the request target (the URL's path and query) has a byte HTTP cannot carry"
+        raise httpx.LocalProtocolError(message)
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    keep, hosts = True, 0
+    names = _NAMES
+    for name, value in headers:
+        lower = names.get(name)
+        if lower is None:
+            if _TOKEN.fullmatch(name) is None:
+                raise _unsendable(headers)
+            lower = name.lower()
+            if len(names) < 1024:
+                names[name] = lower
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise _unsendable(headers)
+        special = _SPECIAL.get(lower)
+        if special is not None:
+            if special is _FRAMING:
+                continue
+            if special is _HOST:
+                hosts += 1
+            elif b"close" in value.lower():
+                keep = False
+        parts += (name, b": ", value, b"\r\n")
+    if hosts != 1:  # as h11: one Host, neither none nor two that a proxy may read apart
+        problem = "no Host header" if hosts == 0 else "found multiple Host headers"
+        raise httpx.LocalProtocolError(f"HTTP/1.1 cannot carry this request: {problem}")
+    parts += (b"content-length: %d\r\n\r\n" % len(body), body)
+    return b"".join(parts), keep
+
+
 def bad_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """Which header HTTP/1.1 cannot carry, and why, or ``None`` if all can.
 
@@ -451,6 +598,10 @@ def bad_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
                 "or leading or trailing whitespace); the value is not shown"
             )
     return None
+
+
+def _unsendable(headers: Headers) -> httpx.LocalProtocolError:
+    return httpx.LocalProtocolError(bad_header(headers) or "HTTP/1.1 cannot carry a header")
 
 
 def _default_port(scheme: str) -> int:
