@@ -582,7 +582,7 @@ class RequestClient:
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
             # Not chained: the cause would repeat the URL, unredacted.
             return _Refused(RequestError(redact(f"{path}: {exc}")), Outcome.ABANDONED)
-        # h11's message may quote what the server sent
+        # the transport's message may quote what the server sent
         return _lost(target) or _Retry(RequestError(redact(f"{path}: {type(exc).__name__}: {exc}")))
 
     async def _open_attempt(
