@@ -88,11 +88,23 @@ async def test_request_id_is_passed_to_the_replica_returned_and_assigned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     seen: list[str | None] = []
+    bodies: list[bytes] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            seen.append(dict(scope["headers"]).get(b"x-request-id", b"").decode() or None)
-        await inner(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] == "/v1/models":
+            await inner(scope, receive, send)
+            return
+        seen.append(dict(scope["headers"]).get(b"x-request-id", b"").decode() or None)
+        body, more = b"", True
+        while more:  # the body, recorded whole, then handed to the dummy in one piece
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        bodies.append(body)
+
+        async def replay() -> Any:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await inner(scope, replay, send)
 
     inner = DummyApp(DummySettings())
     async with anyio.create_task_group() as tg:
@@ -107,7 +119,8 @@ async def test_request_id_is_passed_to_the_replica_returned_and_assigned(
                 mine = await client.post(
                     "/v1/chat/completions", json=body, headers={"x-request-id": "job-7.42"}
                 )
-                assert mine.status_code == 200 and mine.headers["x-request-id"] == "job-7.42"
+                assert mine.status_code == 200, mine.text
+                assert mine.headers["x-request-id"] == "job-7.42"
                 assigned = await client.post(
                     "/v1/chat/completions", json=body, headers={"x-request-id": "bad id\x7f"}
                 )
@@ -115,6 +128,12 @@ async def test_request_id_is_passed_to_the_replica_returned_and_assigned(
                 assert len(new_id) == 32 and new_id != "bad id"
             assert "job-7.42" in seen and new_id in seen
             assert "job-7.42 POST /v1/chat/completions -> 200" in caplog.text
+            # bodies pass through as they came: spacing, key order, escapes, unknown keys
+            odd = b'{ "messages" : [{"role":"user","content":"h\\u00e9"}], "model":"dummy", "x":1}'
+            async with httpx.AsyncClient(base_url=front.url) as client:
+                passed = await client.post("/v1/chat/completions", content=odd)
+                assert passed.status_code == 200
+            assert bodies[-1] == odd
             assert index == 0
         tg.cancel_scope.cancel()
 

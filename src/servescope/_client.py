@@ -366,21 +366,30 @@ class RequestClient:
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
         routing_key: str | None = None,
+        body: bytes | None = None,
     ) -> Coroutine[Any, Any, Reply]:
         """As ``request``, but await the final ``Reply`` with its body unparsed: a 2xx as
         it came, and a 4xx no retry can help (400, 404, 422, ...) as it came too, not
         raised, so that a proxy can pass its status and body through. Retryable failures
-        are retried, and raise as ``request`` raises them once retries are spent."""
-        return self._call(payload, path, headers, routing_key, True)
+        are retried, and raise as ``request`` raises them once retries are spent.
 
-    def _prepare(self, payload: Mapping[str, Any], path: str | None) -> tuple[bytes, str]:
+        ``body``: ``payload`` as JSON already, sent as it is (a proxy passes a client's
+        bytes on; ``payload`` then only routes, and nothing is filled in)."""
+        return self._call(payload, path, headers, routing_key, True, body=body)
+
+    def _prepare(
+        self, payload: Mapping[str, Any], path: str | None, body: bytes | None
+    ) -> tuple[bytes, str]:
         """The body and path of a request, or ``BadRequest`` (never sent) saying why not."""
         if not isinstance(payload, Mapping):
             message = f"the request payload is not a mapping: a {type(payload).__name__}"
             raise BadRequest(message, status_code=None)
-        data = encode_payload(
-            {"model": self._config.model, **self._config.default_params, **payload}
-        )
+        if body is not None:
+            data = body
+        else:
+            data = encode_payload(
+                {"model": self._config.model, **self._config.default_params, **payload}
+            )
         path = path or (CHAT_PATH if self._config.use_chat else COMPLETIONS_PATH)
         if not isinstance(path, str):
             message = (
@@ -397,11 +406,12 @@ class RequestClient:
         routing_key: str | None,
         raw: bool,
         stream: bool = False,
+        body: bytes | None = None,
     ) -> Any:
         """The retry loop of every request: parsed (``request``), raw (``request_raw``),
         or a stream up to its first body bytes (``stream``; ``raw``: a refusal is handed
         out as it came). A stream holds its target from then on, until it ends."""
-        data, path = self._prepare(payload, path)
+        data, path = self._prepare(payload, path, body)
         dispatch = self._dispatch
         dispatch.check_open()
         self._metrics.started += 1
@@ -474,6 +484,7 @@ class RequestClient:
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
         routing_key: str | None = None,
+        body: bytes | None = None,
     ) -> AbstractAsyncContextManager[RawStream]:
         """POST ``payload`` and read the answer as it arrives:
         ``async with client.stream_raw(payload) as stream`` gives a ``RawStream``
@@ -484,9 +495,10 @@ class RequestClient:
         the server failing raises ``StreamInterrupted``. A 4xx no retry can help is
         handed out as it came (its status, its body) for a proxy to pass through.
         Leaving the block before the end closes the connection: the engine aborts the
-        generation. The payload is sent as given: ``"stream": true`` is the caller's.
+        generation. The payload is sent as given: ``"stream": true`` is the caller's
+        (``body``: as for ``request_raw``).
         """
-        return _StreamContext(self, payload, path, headers, routing_key)
+        return _StreamContext(self, payload, path, headers, routing_key, body)
 
     def stream_chat(
         self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
@@ -869,13 +881,16 @@ class _StreamContext:
         path: str | None,
         headers: Mapping[str, str] | None,
         routing_key: str | None,
+        body: bytes | None,
     ) -> None:
-        self._open = (client, payload, path, headers, routing_key)
+        self._open = (client, payload, path, headers, routing_key, body)
         self._stream: RawStream | None = None
 
     async def __aenter__(self) -> RawStream:
-        client, payload, path, headers, routing_key = self._open
-        self._stream = await client._call(payload, path, headers, routing_key, True, stream=True)
+        client, payload, path, headers, routing_key, body = self._open
+        self._stream = await client._call(
+            payload, path, headers, routing_key, True, stream=True, body=body
+        )
         return self._stream
 
     async def __aexit__(

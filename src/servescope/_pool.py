@@ -103,7 +103,7 @@ class _Dispatch:
         return _Route(self._requests, RouteKey(prefix, routing_key))
 
     async def acquire(self, tried: Sequence[Target], route: _Route) -> Target:
-        deadline = anyio.current_time() + self._timeout
+        deadline = None  # set by the first wait: most requests never wait
         while True:
             self.check_open()
             if self._pool.state in DISPATCHES:
@@ -114,6 +114,8 @@ class _Dispatch:
                     self.busy += 1
                     self.idle = anyio.Event() if self.idle.is_set() else self.idle
                     return replica
+            if deadline is None:
+                deadline = anyio.current_time() + self._timeout
             await self._wait(deadline)
 
     def release(
@@ -279,12 +281,13 @@ class Pool:
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
         routing_key: str | None = None,
+        body: bytes | None = None,
     ) -> Coroutine[Any, Any, Reply]:
         """As ``request``, but the reply unparsed: a 2xx, or a 4xx about the request,
         as the replica sent it (a proxy passes it through)."""
         self._check_open()
         return self._client.request_raw(
-            payload, path=path, headers=headers, routing_key=routing_key
+            payload, path=path, headers=headers, routing_key=routing_key, body=body
         )
 
     def stream_raw(
@@ -294,11 +297,14 @@ class Pool:
         path: str | None = None,
         headers: Mapping[str, str] | None = None,
         routing_key: str | None = None,
+        body: bytes | None = None,
     ) -> AbstractAsyncContextManager[RawStream]:
         """A streamed answer's status, headers and raw body chunks from a replica
         (retried elsewhere only before its first byte; see ``RequestClient.stream_raw``)."""
         self._check_open()
-        return self._client.stream_raw(payload, path=path, headers=headers, routing_key=routing_key)
+        return self._client.stream_raw(
+            payload, path=path, headers=headers, routing_key=routing_key, body=body
+        )
 
     def stream_chat(
         self, messages: list[dict[str, Any]], *, routing_key: str | None = None, **params: Any
