@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,7 +30,7 @@ from servescope._dummy_app import DEFAULT_TEXT, DummyApp, DummySettings
 from servescope._front import Front, open_front
 from servescope._frontconfig import FrontConfig
 
-from .test_pool import dummy, eventually, gone, process
+from .test_pool import CRASH_SCRIPT, dummy, eventually, gone, process, script
 from .test_pool_chaos import backends
 
 pytestmark = pytest.mark.anyio
@@ -565,3 +566,18 @@ async def test_every_worker_dead_then_back_and_a_worker_down_at_start() -> None:
                 reply = await client.post("/v1/chat/completions", json=body)
                 texts.add(reply.json()["choices"][0]["message"]["content"])
             assert texts == {"a", "b"}
+
+
+async def test_an_open_pool_whose_replicas_all_fail_for_good_does_not_wait_for_ever(
+    tmp_path: Path,
+) -> None:
+    config = script(tmp_path / "crash.py", CRASH_SCRIPT)
+    with anyio.fail_after(30):
+        async with open_pool(
+            config, replicas=1, open_membership=True, max_restarts=1, **FAST_POOL
+        ) as pool:
+            with pytest.raises(servescope.PoolFailed, match="exited with code 3"):
+                await pool.wait_ready()
+            assert pool.replicas[0].given_up
+            # the pool itself serves on: a replica may still join
+            assert pool.state.value == "running"

@@ -336,7 +336,8 @@ class Pool:
 
     async def wait_ready(self, min_ready: int | None = None) -> None:
         """Wait until ``min_ready`` replicas (default: the config's ``min_ready``) are
-        ready; ``PoolFailed`` if too many have failed for good to get there."""
+        ready; ``PoolFailed`` if too many have failed for good to get there (an open pool
+        waits for replicas to join, unless every replica it has failed for good)."""
         wanted = self.settings.min_ready if min_ready is None else min_ready
         most = 1024 if self.open_membership else len(self._replicas)
         if not 1 <= wanted <= most:
@@ -346,7 +347,10 @@ class Pool:
             if self.ready_count() >= wanted:
                 return
             able = sum(not replica.given_up for replica in self._replicas)
-            if able < wanted and not self.open_membership:
+            # An open pool may still get replicas: it waits, unless every one it has
+            # failed for good (then nothing here will ever be ready without a join).
+            hopeless = able == 0 < len(self._replicas) if self.open_membership else able < wanted
+            if hopeless:
                 reasons = self._reasons(given_up_only=True)
                 raise PoolFailed(
                     f"only {able} replicas can still serve, {wanted} wanted: {reasons}"

@@ -18,7 +18,7 @@ import pytest
 import servescope
 from servescope._serverlog import log_file_name
 
-from .conftest import processes_left, vllm_config
+from .conftest import VLLM_ENV, processes_left, vllm_config
 
 pytestmark = pytest.mark.anyio
 
@@ -239,3 +239,78 @@ async def test_engine_dying_on_first_request_is_a_crash_not_a_retry_storm(
     assert metrics.started == 1 and metrics.retried <= 4
     message = str(info.value)
     assert "Unsupported CPU attention" in message or "EngineDead" in message, message
+
+
+def _sample(metrics: str, name: str) -> float:
+    """One of vLLM's Prometheus series, summed over its label sets."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_the_front_streams_from_vllm_and_a_client_leaving_aborts_the_generation(
+    tiny_models: Path, tmp_path: Path, no_vllm_left: float, figures: dict[str, str]
+) -> None:
+    """``servescope route`` over a real vLLM: the openai SDK gets whole and streamed
+    answers through it, and a client that leaves mid-stream makes vLLM abort the
+    generation (it stops long before the 8,000 tokens asked for)."""
+    import openai
+
+    # Long enough that the whole answer takes seconds: the tiny model's 512 positions
+    # are stretched (RoPE; its answers are noise anyway).
+    env = {**VLLM_ENV, "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    config = vllm_config(tiny_models / "tiny64", tmp_path, max_model_len=8192, env=env)
+    async with servescope.open_pool(config, replicas=1, open_membership=True) as pool:
+        await pool.wait_ready()
+        (replica,) = pool.replicas
+        front_config = servescope.FrontConfig(port=0)
+        async with (
+            servescope.open_front(pool, front_config) as front,
+            openai.AsyncOpenAI(
+                base_url=front.url + "/v1", api_key="unused", max_retries=0
+            ) as client,
+        ):
+            whole = await client.chat.completions.create(
+                model=config.model, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+            )
+            assert whole.choices[0].finish_reason in ("length", "stop")
+            stream = await client.completions.create(
+                model=config.model, prompt="Once upon a time", max_tokens=16, stream=True
+            )
+            async with stream:
+                texts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+            assert texts  # the pieces as the SDK parses them
+        async with (
+            servescope.open_front(pool, front_config) as front,
+            httpx.AsyncClient(timeout=60) as http,
+        ):
+            metrics_url = f"{replica.base_url}/metrics"
+            generated = _sample((await http.get(metrics_url)).text, "vllm:generation_tokens_total")
+            body = {
+                "model": config.model,
+                "prompt": "Once upon a time",
+                "max_tokens": 8000,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            lines = 0
+            async with http.stream("POST", front.url + "/v1/completions", json=body) as answer:
+                async for _ in answer.aiter_lines():
+                    lines += 1
+                    if lines == 10:
+                        break  # the client leaves
+            left = time.monotonic()
+            with anyio.fail_after(30):
+                while True:
+                    metrics = (await http.get(metrics_url)).text
+                    if _sample(metrics, "vllm:num_requests_running") == 0:
+                        break
+                    await anyio.sleep(0.05)
+            figures["client leaves mid-stream to vLLM idle"] = f"{time.monotonic() - left:.2f} s"
+            tokens = _sample(metrics, "vllm:generation_tokens_total") - generated
+            figures["tokens vLLM generated for the abandoned stream"] = f"{tokens:.0f} of 8000"
+            assert 0 < tokens < 8000  # aborted, not run to its end
