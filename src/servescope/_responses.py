@@ -153,17 +153,7 @@ def parse_completion(response: dict[str, Any], redact: Redact | None = None) -> 
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise RequestError(f"response has no choices: {_quote(response, redact)}")
     choice = choices[0]
-    message = choice.get("message")
-    reasoning: Any = None
-    if isinstance(message, dict):
-        text = message.get("content")
-        reasoning = message.get("reasoning_content", message.get("reasoning"))
-    else:
-        text = choice.get("text")
-    if text is None:
-        text = ""
-    if not isinstance(text, str) or not isinstance(reasoning, str | None):
-        raise RequestError(f"response text is not a string: {_quote(choice, redact)}")
+    text, reasoning = _text_of(choice, "message", "response", redact)
     finish = choice.get("finish_reason")
     return Completion(
         text=text,
@@ -199,18 +189,7 @@ def parse_chunk(chunk: dict[str, Any], redact: Redact | None = None) -> Chunk:
         raise RequestError(
             f"stream chunk has a choice that is not an object: {_quote(chunk, redact)}"
         )
-    delta = choice.get("delta")
-    text: Any
-    reasoning: Any = None
-    if isinstance(delta, dict):
-        text = delta.get("content")
-        reasoning = delta.get("reasoning_content", delta.get("reasoning"))
-    else:
-        text = choice.get("text")
-    if text is None:
-        text = ""
-    if not isinstance(text, str) or not isinstance(reasoning, str | None):
-        raise RequestError(f"stream chunk text is not a string: {_quote(choice, redact)}")
+    text, reasoning = _text_of(choice, "delta", "stream chunk", redact)
     finish = choice.get("finish_reason")
     index = choice.get("index", 0)
     return Chunk(
@@ -221,6 +200,26 @@ def parse_chunk(chunk: dict[str, Any], redact: Redact | None = None) -> Chunk:
         index=index if isinstance(index, int) and not isinstance(index, bool) else 0,
         raw=chunk,
     )
+
+
+def _text_of(
+    choice: dict[str, Any], part: str, what: str, redact: Redact | None
+) -> tuple[str, str | None]:
+    """A choice's text and reasoning: from its ``part`` (``message`` of a chat answer,
+    ``delta`` of a chat chunk) or its ``text`` (a text completion); ``RequestError``
+    naming ``what`` if either is not a string."""
+    inner = choice.get(part)
+    reasoning: Any = None
+    if isinstance(inner, dict):
+        text = inner.get("content")
+        reasoning = inner.get("reasoning_content", inner.get("reasoning"))
+    else:
+        text = choice.get("text")
+    if text is None:
+        text = ""
+    if not isinstance(text, str) or not isinstance(reasoning, str | None):
+        raise RequestError(f"{what} text is not a string: {_quote(choice, redact)}")
+    return text, reasoning
 
 
 def _quote(value: Any, redact: Redact | None) -> str:
