@@ -34,7 +34,7 @@ from servescope._transport import SlotTransport
 from .conftest import dummy_process
 from .test_fake_engine import fake_engine, free_port, wait_serving
 from .test_requests import KEY, FixedTarget, answer, scripted_pool
-from .test_transport import CHUNKED_HEAD, Script, always, chunk, stepper
+from .test_transport import CHUNKED_HEAD, Script, Stepper, always, chunk, stepper
 
 pytestmark = pytest.mark.anyio
 
@@ -309,11 +309,23 @@ async def test_hostile_streams_fail_the_with_form_too() -> None:
                     pass
 
 
-async def test_a_gap_longer_than_the_request_timeout_is_stream_interrupted() -> None:
+@asynccontextmanager
+async def stepped(
+    **config: Any,
+) -> AsyncIterator[tuple[Stepper, FixedTarget, RequestClient]]:
+    """A client of one target: a server this test feeds step by step (``stepper``);
+    the client's connections closed on every way out."""
     async with stepper() as (server, url):
         transport = SlotTransport()
         target = FixedTarget(url.rsplit("/v1/", 1)[0], Wire.build(transport.post, {}))
-        client = RequestClient(DummyConfig(request_timeout=0.3), dispatch=target)
+        try:
+            yield server, target, RequestClient(DummyConfig(**config), dispatch=target)
+        finally:
+            await transport.aclose()
+
+
+async def test_a_gap_longer_than_the_request_timeout_is_stream_interrupted() -> None:
+    async with stepped(request_timeout=0.3) as (server, target, client):
         await server.send.send(
             CHUNKED_HEAD + chunk(b"data: " + json.dumps(delta("a")).encode() + b"\n\n")
         )
@@ -324,14 +336,10 @@ async def test_a_gap_longer_than_the_request_timeout_is_stream_interrupted() -> 
         assert time.monotonic() - started < 2
         await server.closed.wait()  # the connection was closed: the engine can abort
         assert target.released == [Outcome.FAILED]
-        await transport.aclose()
 
 
 async def test_the_target_failing_mid_stream_is_stream_interrupted() -> None:
-    async with stepper() as (server, url):
-        transport = SlotTransport()
-        target = FixedTarget(url.rsplit("/v1/", 1)[0], Wire.build(transport.post, {}))
-        client = RequestClient(DummyConfig(request_timeout=30), dispatch=target)
+    async with stepped(request_timeout=30) as (server, target, client):
         await server.send.send(
             CHUNKED_HEAD + chunk(b"data: " + json.dumps(delta("a")).encode() + b"\n\n")
         )
@@ -343,14 +351,10 @@ async def test_the_target_failing_mid_stream_is_stream_interrupted() -> None:
                             tg.start_soon(fail_soon, target)
         await server.closed.wait()
         assert target.released == [Outcome.LOST]
-        await transport.aclose()
 
 
 async def test_a_read_after_the_target_failed_is_stream_interrupted_at_once() -> None:
-    async with stepper() as (server, url):
-        transport = SlotTransport()
-        target = FixedTarget(url.rsplit("/v1/", 1)[0], Wire.build(transport.post, {}))
-        client = RequestClient(DummyConfig(request_timeout=30), dispatch=target)
+    async with stepped(request_timeout=30) as (server, target, client):
         await server.send.send(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
         with anyio.fail_after(5), pytest.raises(StreamInterrupted, match="server failed"):
             async with client.stream_raw({"messages": MESSAGES}) as stream:
@@ -358,7 +362,6 @@ async def test_a_read_after_the_target_failed_is_stream_interrupted_at_once() ->
                     target.lost = True  # between reads: no attempt scope to cancel
         await server.closed.wait()
         assert target.released == [Outcome.LOST]
-        await transport.aclose()
 
 
 async def fail_soon(target: FixedTarget) -> None:
@@ -371,10 +374,7 @@ async def fail_soon(target: FixedTarget) -> None:
 
 @pytest.mark.parametrize("form", ["raw", "chunks"])
 async def test_the_callers_cancellation_is_not_swallowed(form: str) -> None:
-    async with stepper() as (server, url):
-        transport = SlotTransport()
-        target = FixedTarget(url.rsplit("/v1/", 1)[0], Wire.build(transport.post, {}))
-        client = RequestClient(DummyConfig(request_timeout=30), dispatch=target)
+    async with stepped(request_timeout=30) as (server, target, client):
         await server.send.send(
             CHUNKED_HEAD + chunk(b"data: " + json.dumps(delta("a")).encode() + b"\n\n")
         )
@@ -392,21 +392,16 @@ async def test_the_callers_cancellation_is_not_swallowed(form: str) -> None:
         await server.closed.wait()
         assert target.released == [Outcome.ABANDONED]
         assert client.metrics.in_flight == 0
-        await transport.aclose()
 
 
 async def test_leaving_the_raw_stream_early_closes_the_connection() -> None:
-    async with stepper() as (server, url):
-        transport = SlotTransport()
-        target = FixedTarget(url.rsplit("/v1/", 1)[0], Wire.build(transport.post, {}))
-        client = RequestClient(DummyConfig(), dispatch=target)
+    async with stepped() as (server, target, client):
         await server.send.send(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
         async with client.stream_raw({"messages": MESSAGES}) as stream:
             assert await stream.receive() == b"data: 1\n\n"
         await server.closed.wait()
         assert target.released == [Outcome.ABANDONED]
         assert (client.metrics.started, client.metrics.in_flight) == (1, 0)
-        await transport.aclose()
 
 
 async def test_an_answer_that_stops_before_its_first_byte_is_retried() -> None:
