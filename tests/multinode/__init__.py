@@ -1,0 +1,1 @@
+"""Multi-node tests: network-namespace nodes and fake multi-node engines."""
