@@ -25,6 +25,12 @@ Behaviour, as real vLLM across nodes (tests/transcripts, /work/shared/MULTINODE.
   ``INFO:     Application startup complete.``, listening from that line on.
 * A ``--headless`` rank serves no HTTP and stays up; nobody notices a peer's death while
   idle (the sockets of the rendezvous are held, never read): servescope must.
+* The next generation request on rank 0 (``POST /v1/completions``,
+  ``/v1/chat/completions``) notices a dead peer (its connection closed; a cut network is not
+  seen), as vLLM's next collective does: it answers 500, ``/health`` answers 503, and it
+  prints ``EngineCore encountered a fatal error.``, ``... Connection closed by peer [IP]:PORT.
+  This is typically caused by a remote worker crashing.``, ``AsyncLLM output_handler
+  failed.``, ``...EngineDeadError: ...``, then after 1 s uvicorn's shutdown lines, exit 0.
 * ``ray``: needs ``RAY_ADDRESS`` (``HOST:PORT``) and a TCP connection to it, else a
   Ray-like ``ConnectionError`` and exit 1; then serves as rank 0 with no rendezvous.
 
@@ -128,7 +134,8 @@ class Rendezvous:
     def __init__(self, host: str, port: int, nnodes: int, rank: int, timeout: float) -> None:
         self.host, self.port, self.nnodes, self.rank = host, port, nnodes, rank
         self.timeout = timeout
-        self.sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = []  # the store's (rank 0) and the peers'
+        self.peers: list[socket.socket] = []  # the connections to the other ranks
 
     def run(self) -> None:
         """Block until every rank joined (bounded by ``timeout``), or raise."""
@@ -180,6 +187,8 @@ class Rendezvous:
         for conn in joined.values():
             conn.sendall(b"go\n")
             self.sockets.append(conn)
+            conn.setblocking(False)  # dead_peer() peeks without waiting
+            self.peers.append(conn)
 
     def _join(self, deadline: float) -> None:
         delay = 0.05
@@ -214,6 +223,25 @@ class Rendezvous:
                 f"({self.host}, {self.port})"
             )
         self.sockets.append(conn)
+        conn.setblocking(False)  # dead_peer() peeks without waiting
+        self.peers.append(conn)
+
+    def dead_peer(self) -> str | None:
+        """The address of a peer whose connection is closed (it died), if any; without
+        blocking. A cut network is not seen: only a closed or reset connection is."""
+        for conn in self.peers:
+            try:
+                data = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    return "[{}]:{}".format(*conn.getpeername()[:2])
+                except OSError:
+                    return "[unknown]"
+        return None
 
 
 def _read_line(conn: socket.socket) -> str:
@@ -254,6 +282,43 @@ async def serve_app(
             await anyio.sleep(0.1)
             ready()
         await anyio.sleep_forever()
+
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
+
+
+class PeerCheckedApp:
+    """The dummy app, but a generation request first "uses" the other ranks: when one of
+    them has died, it answers 500 and calls ``on_dead(peer)`` (the engine's death), as a
+    real engine notices a dead node only at its next collective operation."""
+
+    def __init__(self, app: Any, meeting: Rendezvous, on_dead: Callable[[str], None]) -> None:
+        self.app, self.meeting, self.on_dead = app, meeting, on_dead
+        self.dead = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in GENERATE_PATHS
+        ):
+            peer = self.meeting.dead_peer()
+            if self.dead or peer is not None:
+                body = (
+                    b'{"object":"error","message":"EngineCore encountered an issue.",'
+                    b'"type":"InternalServerError","code":500}'
+                )
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 500, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                if not self.dead:
+                    self.dead = True
+                    self.on_dead(peer or "[unknown]")
+                return
+        await self.app(scope, receive, send)
 
 
 def idle_forever() -> NoReturn:
@@ -410,6 +475,9 @@ def _vllm_main(args: argparse.Namespace) -> None:
             f"pipeline_parallel_size={args.pipeline_parallel_size}, "
             f"dtype={args.dtype}, enforce_eager={args.enforce_eager}, ...",
         )
+    meeting = Rendezvous(
+        args.master_addr, args.master_port, args.nnodes, args.node_rank, knobs.join_timeout
+    )
     if backend == "mp" and args.nnodes > 1:
         method = f"tcp://{args.master_addr}:{args.master_port}"
         log.line(
@@ -418,9 +486,6 @@ def _vllm_main(args: argparse.Namespace) -> None:
             "parallel_state.py:1929",
             f"world_size={world} rank={args.node_rank} local_rank=0 "
             f"distributed_init_method={method} backend=gloo",
-        )
-        meeting = Rendezvous(
-            args.master_addr, args.master_port, args.nnodes, args.node_rank, knobs.join_timeout
         )
         try:
             meeting.run()
@@ -450,7 +515,33 @@ def _vllm_main(args: argparse.Namespace) -> None:
     )
     assert sock is not None
     host = args.host or "0.0.0.0"
-    app = DummyApp(DummySettings(model=served))
+    dummy = DummyApp(DummySettings(model=served))
+
+    def on_peer_dead(peer: str) -> None:
+        """A request found a rank dead: vLLM's engine death (exit 0 after its watchdog)."""
+        dummy.healthy = False  # /health answers 503 at once
+        where = "core.py:1586"
+        log.line("EngineCore", "ERROR", where, "EngineCore encountered a fatal error.")
+        log.line("EngineCore", "ERROR", where, "Traceback (most recent call last):")
+        log.line(
+            "EngineCore",
+            "ERROR",
+            where,
+            "RuntimeError: [/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+            f"Connection closed by peer {peer}. This is typically caused by a remote worker "
+            "crashing.",
+        )
+        log.line(api, "ERROR", "async_llm.py:943", "AsyncLLM output_handler failed.")
+        log.line(
+            api,
+            "ERROR",
+            "async_llm.py:943",
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+            "See stack trace (above) for the root cause.",
+        )
+        _timer(time.monotonic() - _START + 1.0, on_sigterm)
+
+    app = PeerCheckedApp(dummy, meeting, on_peer_dead)
 
     def before_listen() -> None:
         log.line(api, "INFO", "entry.py:135", "Supported tasks: ['generate']")

@@ -58,6 +58,23 @@ def _stop(proc: subprocess.Popen[bytes], within: float = 5.0) -> int:
     return proc.wait(timeout=within)
 
 
+_POST = (
+    "import sys, urllib.error, urllib.request\n"
+    'body = b\'{"model": "fake/model", "prompt": "hi", "max_tokens": 4}\'\n'
+    "req = urllib.request.Request(sys.argv[1], body, {'Content-Type': 'application/json'})\n"
+    "try:\n"
+    "    with urllib.request.urlopen(req, timeout=5) as r: print(r.status)\n"
+    "except urllib.error.HTTPError as exc: print(exc.code)\n"
+)
+
+
+def _complete(node: Node) -> str:
+    url = f"http://{HEAD_IP}:{HTTP_PORT}/v1/completions"
+    done = node.run([sys.executable, "-c", _POST, url], timeout=15)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def _two_nodes(
     netnodes: NetNodes, tmp_path: Path, engine: str, ready: str
 ) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
@@ -91,6 +108,8 @@ def _check_idle_death_unnoticed(
     assert head.poll() is None, "the head noticed its idle peer's death (real engines do not)"
     assert logs[0].read_text() == before
     assert _get(netnodes.head, f"http://{HEAD_IP}:{HTTP_PORT}/v1/models").startswith("200 ")
+    # As the real engines, the next generation request finds the peer gone: 500, then death.
+    assert _complete(netnodes.head) == "500"
 
 
 def test_fake_sglang_two_nodes(netnodes: NetNodes, tmp_path: Path) -> None:
@@ -106,8 +125,13 @@ def test_fake_sglang_two_nodes(netnodes: NetNodes, tmp_path: Path) -> None:
     # Rank 1 serves SGLang's dummy health server only.
     worker_url = f"http://{netnodes.worker.ip}:{HTTP_PORT}"
     assert _get(netnodes.worker, worker_url + "/health").startswith("200")
+    assert _complete(netnodes.head) == "200"
     _check_idle_death_unnoticed(procs, logs, netnodes)
-    assert _stop(procs[0]) == -signal.SIGTERM
+    assert procs[0].wait(timeout=5) == -signal.SIGKILL
+    text = logs[0].read_text()
+    assert " TP0] Scheduler hit an exception: Traceback" in text
+    assert "NCCL error: remote process exited" in text
+    assert "] Received sigquit from a child process. It usually means the child failed." in text
 
 
 def test_fake_vllm_mp_two_nodes(netnodes: NetNodes, tmp_path: Path) -> None:
@@ -123,9 +147,15 @@ def test_fake_vllm_mp_two_nodes(netnodes: NetNodes, tmp_path: Path) -> None:
     assert "Application startup complete" not in logs[1].read_text()  # headless
     models = _get(netnodes.head, f"http://{HEAD_IP}:{HTTP_PORT}/v1/models")
     assert models.startswith("200 ") and '"fake/model"' in models
+    assert _complete(netnodes.head) == "200"
     _check_idle_death_unnoticed(procs, logs, netnodes)
-    assert _stop(procs[0]) == 0
-    assert "INFO:     Finished server process" in logs[0].read_text()
+    assert procs[0].wait(timeout=5) == 0  # vLLM exits 0 after its engine's death
+    text = logs[0].read_text()
+    assert f"Connection closed by peer [{netnodes.worker.ip}]:" in text
+    assert "This is typically caused by a remote worker crashing." in text
+    assert "EngineCore encountered a fatal error." in text
+    assert "vllm.v1.engine.exceptions.EngineDeadError" in text
+    assert "INFO:     Finished server process" in text
 
 
 # ------------------------------------------------- one node, root namespace (no netns needed)
@@ -179,15 +209,19 @@ def test_ignore_sigterm_and_prompt_sigterm(tmp_path: Path) -> None:
     stubborn_log, plain_log = tmp_path / "stubborn.log", tmp_path / "plain.log"
     stubborn = _start(_single_sglang(_free_port()), stubborn_log, FAKE_ENGINE_IGNORE_SIGTERM="1")
     plain = _start(_single_vllm(_free_port(), "--host", "127.0.0.1"), plain_log)
+    sglang_log = tmp_path / "sglang.log"
+    sglang = _start(_single_sglang(_free_port()), sglang_log)
     try:
         netns.wait_for_line(stubborn_log, SGLANG_READY, timeout=15, proc=stubborn)
         netns.wait_for_line(plain_log, VLLM_READY, timeout=15, proc=plain)
+        netns.wait_for_line(sglang_log, SGLANG_READY, timeout=15, proc=sglang)
         stubborn.send_signal(signal.SIGTERM)
         with pytest.raises(subprocess.TimeoutExpired):
             stubborn.wait(timeout=0.5)
         assert _stop(plain, within=2.0) == 0
+        assert _stop(sglang, within=2.0) == -signal.SIGTERM
     finally:
-        for proc in (stubborn, plain):
+        for proc in (stubborn, plain, sglang):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -19,7 +19,11 @@ Behaviour, as SGLang 0.5.x across nodes (log format from tests/transcripts: stde
   dummy OpenAI API, and prints exactly ``The server is fired up and ready to roll!``.
 * Ranks >= 1 serve only SGLang's dummy health server on ``--host:--port`` (``GET /health``
   and ``/health_generate``: 200; SGLang's ``launch_dummy_health_check_server``, which logs
-  nothing) and stay up. Nobody notices a peer's death while idle: servescope must.
+  nothing) and stay up. Nobody notices a peer's death while idle: servescope must. The
+  next generation request on rank 0 (``POST /v1/completions``, ``/v1/chat/completions``,
+  ``/generate``) does, when a peer's connection is closed (a cut network is not seen):
+  it answers 500, then rank 0 prints ``Scheduler hit an exception: ... DistBackendError:
+  NCCL error: remote process exited ...`` and the SIGQUIT lines and SIGKILLs itself.
 
 Environment knobs (see ``tests/multinode/fake_vllm.py``): ``FAKE_ENGINE_FATAL_AFTER=S``
 prints ``[... TP<t>] Scheduler hit an exception: Traceback ...``, ``Received sigquit from a
@@ -35,6 +39,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +53,7 @@ if str(_ROOT) not in sys.path:
 
 from tests.multinode.fake_vllm import (  # noqa: E402
     EngineKnobs,
+    PeerCheckedApp,
     Rendezvous,
     RendezvousError,
     bind_or_none,
@@ -125,13 +131,15 @@ class _HealthApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def _fatal(prefix: str) -> None:
+def _fatal(
+    prefix: str, error: str = "RuntimeError: fake engine: FAKE_ENGINE_FATAL_AFTER reached"
+) -> None:
     _log("Scheduler hit an exception: Traceback (most recent call last):", prefix)
     for line in (
         '  File "/usr/local/lib/python3.12/dist-packages/sglang/srt/managers/scheduler.py", '
         "line 6362, in run_scheduler_process",
         "    scheduler.event_loop_overlap()",
-        "RuntimeError: fake engine: FAKE_ENGINE_FATAL_AFTER reached",
+        error,
         "",
     ):
         emit(line, err=True)
@@ -176,11 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         http = bound
     for prefix in prefixes:
         _log("Init torch distributed begin.", prefix)
+    host, _, port = (args.dist_init_addr or "127.0.0.1:0").rpartition(":")
+    meeting = Rendezvous(
+        host.strip("[]"), int(port), args.nnodes, args.node_rank, knobs.join_timeout
+    )
     if args.nnodes > 1:
-        host, _, port = args.dist_init_addr.rpartition(":")
-        meeting = Rendezvous(
-            host.strip("[]"), int(port), args.nnodes, args.node_rank, knobs.join_timeout
-        )
         try:
             meeting.run()
         except RendezvousError as exc:
@@ -218,8 +226,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         anyio.run(serve_app, _HealthApp(), health, lambda: None, lambda: None)
         return
 
-    app = DummyApp(DummySettings(model=served))
-    app.healthy = False  # SGLang's /health answers 503 until its warm-up is done
+    dummy = DummyApp(DummySettings(model=served))
+    dummy.healthy = False  # SGLang's /health answers 503 until its warm-up is done
+
+    def on_peer_dead(peer: str) -> None:
+        """A request found a rank dead: the collective fails, SGLang kills its tree."""
+        error = (
+            "torch.distributed.DistBackendError: NCCL error: remote process exited or there "
+            f"was a network error (peer {peer})"
+        )
+        late = threading.Timer(0.3, _fatal, args=(prefixes[0], error))  # the 500 goes out first
+        late.daemon = True
+        late.start()
+
+    app = PeerCheckedApp(dummy, meeting, on_peer_dead)
     pid = os.getpid()
 
     def before_listen() -> None:
@@ -231,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _log(f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
 
     def ready() -> None:
-        app.healthy = True
+        dummy.healthy = True
         _log(READY_LINE)
 
     anyio.run(serve_app, app, http, before_listen, after_listen, ready)
