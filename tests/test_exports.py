@@ -41,6 +41,10 @@ EXPECTED = {
     "Front",
     "FrontConfig",
     "open_front",
+    "NodesConfig",
+    "NodeRole",
+    "WorkerNode",
+    "NotHeadNode",
 }
 
 

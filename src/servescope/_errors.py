@@ -16,7 +16,8 @@ OS exception, or a pydantic ``ValidationError``::
          ├─ BadRequest         the request itself is refused (4xx, or unsendable); never retried
          ├─ RetriesExhausted   a retryable failure persisted through every retry
          ├─ RequestTimeout     no answer within the request timeout
-         └─ StreamInterrupted  a streamed answer broke off after its first bytes
+         ├─ StreamInterrupted  a streamed answer broke off after its first bytes
+         └─ NotHeadNode        sent to a worker node of a multi-node server (no HTTP)
 
 A ``ServerError`` is fatal for the whole server scope: it cancels the body of
 ``async with open_server(...)`` and is raised from it. A ``RequestError`` is
@@ -31,6 +32,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "ControlError",
+    "NotHeadNode",
     "PoolFailed",
     "RequestError",
     "RequestTimeout",
@@ -149,3 +151,8 @@ class StreamInterrupted(RequestError):
 
     Part of the answer was already consumed, so it is never retried: the caller decides.
     """
+
+
+class NotHeadNode(RequestError):
+    """A request sent to a worker node of a multi-node server: only the head (node 0)
+    serves HTTP; the message names it (and its URL once it said it)."""

@@ -576,6 +576,12 @@ def _resolve(
         if pool.replicas == 0 and not open_membership:
             message = "a pool of 0 replicas serves nothing (unless replicas join: open_membership)"
             raise ConfigError(message)
+        if pool.replicas > 1 and _multinode(config):
+            raise ConfigError(
+                "the replicas of a pool of multi-node servers need one config each (each "
+                "group its own nodes.master_port and liveness_port): pass a list of configs"
+            )
+        _check_heads([config])
         return [config] * pool.replicas, pool
     configs = list(config)
     if not configs or not all(isinstance(item, ServerConfig) for item in configs):
@@ -585,7 +591,25 @@ def _resolve(
     models = {item.model for item in configs}
     if len(models) > 1:
         raise ConfigError(f"the replicas of a pool serve one model, not {sorted(models)}")
+    _check_heads(configs)
     return configs, PoolConfig.build({**settings, "replicas": len(configs)})
+
+
+def _multinode(config: ServerConfig) -> bool:
+    return isinstance(config, EngineConfig) and config.nodes is not None
+
+
+def _check_heads(configs: list[ServerConfig]) -> None:
+    """A multi-node replica is a group of nodes whose head the pool runs: the other nodes
+    run ``servescope serve`` (or ``open_server``) themselves and join it."""
+    for config in configs:
+        if isinstance(config, EngineConfig) and config.nodes is not None:
+            rank = config.nodes.node_rank
+            if rank is not None and rank != 0:
+                raise ConfigError(
+                    f"a pool runs the head (node 0) of a multi-node replica, not node {rank}: "
+                    "run the other nodes with `servescope serve` or open_server"
+                )
 
 
 def _gpus_per_replica(config: ServerConfig, pool: PoolConfig) -> int:

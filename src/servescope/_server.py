@@ -23,14 +23,18 @@ import anyio
 from ._client import ChunkStream, Outcome, RawStream, RequestClient, Target
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
+from ._errors import NotHeadNode
 from ._http import http_client
 from ._metrics import MetricsSnapshot
+from ._multinode import plan_nodes
+from ._nodes import NodeRole
 from ._responses import Completion
 from ._scopes import one_exception, one_exception_cause
 from ._supervisor import ServerState, Supervisor
 from ._transport import Reply
+from .backends._base import EngineConfig
 
-__all__ = ["Server", "open_server"]
+__all__ = ["Server", "WorkerNode", "open_server"]
 
 
 class Server:
@@ -57,6 +61,11 @@ class Server:
     def node(self) -> int:
         """Its node."""
         return self._state.node
+
+    @property
+    def node_role(self) -> NodeRole | None:
+        """Its place in a multi-node server (``None``: a single-node server)."""
+        return None if self._state.nodes is None else self._state.nodes.role
 
     @property
     def pid(self) -> int | None:
@@ -171,6 +180,45 @@ class Server:
         return f"<Server {self._state.name} {state}>"
 
 
+class WorkerNode(Server):
+    """A worker node (rank ≥ 1) of a multi-node server, from ``open_server`` on that node.
+
+    It runs this node's part of the engine (a headless vLLM, an SGLang rank, a Ray node)
+    and serves no HTTP: every request method raises ``NotHeadNode``. ``wait_ready()``
+    returns once the head serves; ``wait_head_exit()`` once the head's scope ended
+    normally — the body of a worker's ``async with`` is typically just that. If the head
+    fails or is lost, the scope fails with ``ServerCrashed`` (within ``node_timeout``).
+    """
+
+    @property
+    def head_url(self) -> str | None:
+        """The head's URL, once it said it serves."""
+        part = self._state.node_part
+        return None if part is None else part.head_url
+
+    async def wait_head_exit(self) -> None:
+        """Wait until the head's scope has ended normally (this node's processes are torn
+        down by then). If it failed or was lost, this scope fails instead."""
+        part = self._state.node_part
+        assert part is not None  # set before open_server yields
+        await part.head_ended.wait()
+        self._state.check_open()
+
+    def _requests(self) -> RequestClient:
+        self._state.check_open()
+        role = self.node_role
+        assert role is not None
+        where = f" at {self.head_url}" if self.head_url else f" on {role.master_addr}"
+        raise NotHeadNode(
+            f"this is worker node {role.rank} of {role.nnodes}: it serves no requests; "
+            f"send them to the head (node 0){where}"
+        )
+
+    def __repr__(self) -> str:
+        state = "ready" if self.ready else "starting"
+        return f"<WorkerNode {self._state.name} {state}>"
+
+
 class _OneServer:
     """Every attempt goes to the one server, once it is ready, holding one of its
     ``max_concurrency`` slots while it is on the wire.
@@ -225,9 +273,15 @@ async def open_server(
     readiness) or ``ServerCrashed`` (after) is raised. On every way out the server's
     whole process tree is terminated (SIGTERM, ``shutdown_grace``, SIGKILL).
     """
+    plan = None
+    if isinstance(config, EngineConfig):
+        plan = await plan_nodes(config.nodes)
+    if plan is not None:
+        node = plan.role.rank
     http, wire = http_client(config)
     state = ServerState.create(config, wire, rank=rank, node=node)
-    server = Server(state)
+    state.nodes = plan
+    server = Server(state) if plan is None or plan.is_head else WorkerNode(state)
     try:
         async with http, anyio.create_task_group() as tg:
             server._client = RequestClient(

@@ -41,13 +41,14 @@ from ._errors import ServeError, ServerClosed, ServerCrashed, ServerError, Serve
 from ._health import Demotion, HealthWatch
 from ._http import connect_problem, fetch_excerpt, probe_status
 from ._logscan import LineClassifier, LineEvent, LineKind, LineSplitter, PatternTable
+from ._multinode import NodeCoordinator, NodePlan, plan_nodes
 from ._ports import pick_port
 from ._process import ServerProcess, spawn_server
 from ._readiness import PROBE_TIMEOUT, HealthProbe, ReadySignal, wait_until_ready, watch_health
 from ._redact import Redactor
 from ._responses import excerpt
 from ._serverlog import ServerLog
-from .backends._base import ProcessConfig, ProcessSpec
+from .backends._base import EngineConfig, ProcessConfig, ProcessSpec
 from .backends.dummy import DummyConfig
 from .backends.endpoint import EndpointConfig
 
@@ -108,6 +109,10 @@ class ServerState:
         self.wire = wire  # how requests reach it
         self.on_change: Callable[[ServerState], None] | None = None
         self.dummy_app: DummyApp | None = None  # the in-process dummy, for tests
+        #: One node of a multi-node server: its plan (set by the owner or resolved at
+        #: start) and its part, once the supervisor runs it.
+        self.nodes: NodePlan | None = None
+        self.node_part: NodeCoordinator | None = None
 
     @classmethod
     def create(
@@ -251,6 +256,8 @@ class Supervisor:
         self.started_at = anyio.current_time()
         self.deadline = self.started_at + self.config.startup_timeout
         self.compile_lock: CompileLock | None = None
+        self.part_ended = False
+        self._attempt: _Attempt | None = None
 
     def fail(self, error: ServerError) -> None:
         """Record the server's failure (the first one wins) and cancel its group."""
@@ -261,6 +268,13 @@ class Supervisor:
         """End it without a failure: its group is cancelled, its tree torn down."""
         self.closing = True
         self.tg.cancel_scope.cancel()
+
+    def part_done(self) -> None:
+        """A worker node's part is over (the head ended normally): its process is torn
+        down at once, without a failure; the scope stays until its body ends."""
+        self.part_ended = True
+        if self._attempt is not None:
+            self._attempt.tg.cancel_scope.cancel()
 
     def error(self, reason: str, **details: Any) -> ServerError:
         kind = ServerCrashed if self.state.ready else ServerStartError
@@ -276,7 +290,10 @@ class Supervisor:
             except OSError as exc:  # mark_done released the lock; the next job compiles
                 self.log.note(f"compile lock released; marker not written: {exc}")
         self.state.set_ready()
-        self.log.note(f"ready at {self.state.base_url} after {elapsed:.2f} s")
+        address = self.state.address
+        self.log.note(f"ready at {address or '(no HTTP server)'} after {elapsed:.2f} s")
+        if self.state.node_part is not None and address is not None:
+            self.state.node_part.ready(address)
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Start the server, report once it exists, watch it until the group ends.
@@ -350,11 +367,34 @@ class Supervisor:
 
     async def _run_process(self, config: ProcessConfig, task_status: TaskStatus[None]) -> None:
         try:
+            if isinstance(config, EngineConfig) and config.nodes is not None:
+                if self.state.nodes is None:
+                    self.state.nodes = await plan_nodes(config.nodes)
+                if self.state.nodes is not None:
+                    part = self.state.node_part = NodeCoordinator(self.state.nodes, self)
+                    task_status.started()  # the other nodes may take minutes to come
+                    task_status = anyio.TASK_STATUS_IGNORED
+                    if not await self._before_engine(config, part):
+                        return
             await self._run_attempts(config, task_status)
         finally:
             if self.compile_lock is not None:
                 self.compile_lock.release()
                 self.compile_lock = None
+
+    async def _before_engine(self, config: EngineConfig, part: NodeCoordinator) -> bool:
+        """Start this node's liveness channel (and Ray) within the start-up deadline;
+        ``False`` (the failure recorded) if the engine must not start."""
+        with anyio.move_on_after(max(0.0, self.deadline - anyio.current_time())):
+            await part.before_engine(config)
+            return True
+        self.fail(self.error(self._not_ready_reason()))
+        return False
+
+    def _not_ready_reason(self) -> str:
+        part = self.state.node_part
+        missing = part.missing() if part is not None else ""
+        return f"server not ready within startup_timeout={self.config.startup_timeout:g} s{missing}"
 
     async def _take_compile_lock(self, key: str) -> None:
         """Wait (cancellable) for this configuration's compile lock unless it is compiled.
@@ -382,7 +422,12 @@ class Supervisor:
         for number in range(1, config.start_attempts + 1):
             port = pick_port(self.state.rank, avoid=tried)
             tried.add(port)
-            spec = config.process_spec(port)
+            part = self.state.node_part
+            if part is not None:
+                assert isinstance(config, EngineConfig)
+                spec = part.process_spec(config, port)
+            else:
+                spec = config.process_spec(port)
             if number == 1 and spec.compile_key is not None:
                 await self._take_compile_lock(spec.compile_key)
             self.log.note(f"start {number}/{config.start_attempts}: {shlex.join(spec.argv)}")
@@ -395,8 +440,11 @@ class Supervisor:
                 self.fail(self.error(exc.reason))
                 return
             host = spec.connect_host
-            self.state.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            if spec.health_path is not None:
+                self.state.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
             self.state.pid = process.pid
+            if part is not None and not spec.ready_line_required:
+                part.part_up()
             if number == 1:
                 task_status.started()
             retry_line = None
@@ -406,6 +454,7 @@ class Supervisor:
                 # A server that failed has nothing left to finish: a short grace, so the
                 # error (and the freed GPUs) come at once, not after a slow worker's exit.
                 failed = self.state.failure is not None or retry_line is not None
+                failed = failed or self.part_ended
                 await process.terminate(CRASH_GRACE if failed else None)
                 self.log.note(f"server tree of pid {process.pid} terminated")
             if retry_line is None:
@@ -419,7 +468,9 @@ class Supervisor:
     async def _watch(self, process: ServerProcess, spec: ProcessSpec) -> str | None:
         """Run one attempt until the group ends; the retryable line if it should be retried."""
         async with anyio.create_task_group() as tg:
-            attempt = _Attempt(tg, spec.patterns)
+            attempt = self._attempt = _Attempt(tg, spec.patterns)
+            if self.part_ended:
+                tg.cancel_scope.cancel()
             tg.start_soon(self._scan, process.stdout, "stdout", attempt)
             tg.start_soon(self._scan, process.stderr, "stderr", attempt)
             tg.start_soon(self._ready_then_healthy, spec, attempt)
@@ -491,6 +542,9 @@ class Supervisor:
 
     async def _ready_then_healthy(self, spec: ProcessSpec, attempt: _Attempt) -> None:
         """Probe until ready (``_readiness``), then watch its health until the group ends."""
+        if spec.health_path is None:
+            await self._part_up(spec, attempt)
+            return
         ready = await wait_until_ready(
             self._probe(spec.health_path),
             attempt.signal,
@@ -498,11 +552,26 @@ class Supervisor:
             deadline=self.deadline,
         )
         if not ready:
-            timeout = self.config.startup_timeout
-            self.fail(self.error(f"server not ready within startup_timeout={timeout:g} s"))
+            self.fail(self.error(self._not_ready_reason()))
             return
         self.set_ready()
         await self._watch_health(spec.health_path, spec.dead_status, attempt)
+
+    async def _part_up(self, spec: ProcessSpec, attempt: _Attempt) -> None:
+        """A process without HTTP: up on its ready line (if it prints one); a worker node
+        is ready once the head says it serves. Within the start-up deadline."""
+        part = self.state.node_part
+        with anyio.move_on_after(max(0.0, self.deadline - anyio.current_time())):
+            while spec.ready_line_required and not attempt.signal.line_seen:
+                await attempt.signal.wake.wait()
+                attempt.signal.wake = anyio.Event()
+            if part is None:
+                self.set_ready()
+                return
+            part.part_up()
+            await self.state.ready_event.wait()
+            return
+        self.fail(self.error(self._not_ready_reason()))
 
     async def _watch_health(
         self, path: str, dead_status: int | None, attempt: _Attempt | None = None

@@ -59,11 +59,13 @@ from ._front import open_front
 from ._frontconfig import FRONT_KEYS, FrontConfig
 from ._generate import Counts, Job, Progress, prepare, run_job
 from ._loadconfig import BACKENDS, load_pool_config, read_config_file
+from ._multinode import plan_nodes
 from ._pool import Pool, open_pool
 from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
 from ._register import keep_registered
-from ._server import Server, open_server
+from ._server import Server, WorkerNode, open_server
+from .backends._base import EngineConfig
 from .backends.endpoint import url_problem
 
 __all__ = ["main"]
@@ -141,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
             "--replicas",
             type=int,
             help="run a pool of N replicas (routing, restarts: --set routing=prefix, ...)",
+        )
+        group.add_argument(
+            "--nodes",
+            action="store_true",
+            help="one model across nodes, run on every node: roles from torchrun, SLURM or "
+            "datatrove's environment, unless the config's [nodes] table sets them",
         )
         group.add_argument("--startup-timeout", type=float)
         group.add_argument("--log-dir", type=Path, help="where the server's log file goes")
@@ -234,6 +242,8 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             values[key] = str(value) if isinstance(value, Path) else value
     values.update(_set_flags(args.settings))
+    if getattr(args, "nodes", False) and values.get("nodes") is None:
+        values["nodes"] = {}  # every role from the environment
     if "max_concurrency" not in values and getattr(args, "command", "") == "generate":
         values["max_concurrency"] = GENERATE_CONCURRENCY
     api_key = os.environ.get("SERVESCOPE_API_KEY")
@@ -382,6 +392,13 @@ def _progress(args: argparse.Namespace, console: Console) -> Progress:
     return _Silent()
 
 
+async def _is_worker_node(config: ServerConfig) -> bool:
+    if not isinstance(config, EngineConfig) or config.nodes is None:
+        return False
+    plan = await plan_nodes(config.nodes)
+    return plan is not None and not plan.is_head
+
+
 async def _generate(
     args: argparse.Namespace,
     config: ServerConfig,
@@ -391,6 +408,19 @@ async def _generate(
 ) -> int:
     job = _job(args, config, pool, redact)
     caught: list[int] = []
+    if await _is_worker_node(config):
+        # The head reads the input and writes the output; this node lends its engine.
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_signal, tg.cancel_scope, caught)
+                async with _serving(config, pool) as node:
+                    await node.wait_ready()
+                    assert isinstance(node, WorkerNode)
+                    await _worker_node(node, console)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+        return 128 + caught[0] if caught else 0
     with prepare(job) as prepared:  # checks, locks and plans before the server starts
         counts = prepared.counts()
         if prepared.left == 0:  # nothing to send: no server to start
@@ -457,6 +487,10 @@ async def _serve(
             tg.start_soon(_until_signal, tg.cancel_scope, caught)
             async with _serving(config, pool) as serving, anyio.create_task_group() as joins:
                 await serving.wait_ready()
+                if isinstance(serving, WorkerNode):
+                    await _worker_node(serving, console)
+                    tg.cancel_scope.cancel()
+                    return 0
                 if isinstance(serving, Pool):
                     urls = [replica.base_url or "" for replica in serving.replicas]
                     for index, url in enumerate(urls):
@@ -475,6 +509,20 @@ async def _serve(
     except BaseExceptionGroup as group:
         raise _single(group) from None
     return 0
+
+
+async def _worker_node(node: WorkerNode, console: Console) -> None:
+    """A worker node of a multi-node server: its part runs until the head's scope ends."""
+    role = node.node_role
+    assert role is not None
+    console.print(
+        f"worker node {role.rank} of {role.nnodes}: the head serves at {node.head_url}/v1; "
+        "this node runs until the head ends",
+        markup=False,
+        highlight=False,
+    )
+    await node.wait_head_exit()
+    console.print(f"worker node {role.rank}: the head ended; done", markup=False, highlight=False)
 
 
 def _api_key(config: ServerConfig) -> str | None:

@@ -8,13 +8,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, field_validator
 
 from .._config import Integer, ServerConfig, Text, excerpt
 from .._logscan import PatternTable
+from .._nodes import NodesConfig
 from .._redact import masked, secret_values
+
+if TYPE_CHECKING:
+    from .._multinode import NodePlan
 
 __all__ = [
     "ADDRESS_IN_USE",
@@ -45,7 +49,9 @@ class ProcessSpec:
     """Everything needed to launch one server process on one port.
 
     Attributes:
-        health_path: probed until it answers 200 (readiness), at once on a ready line.
+        health_path: probed until it answers 200 (readiness), at once on a ready line;
+            ``None``: no HTTP server (a worker node's part, a Ray node): up on its ready
+            line if ``ready_line_required``, else once spawned.
         ready_line_required: ready only once a ready line was printed *and* the probe
             answers 200 (SGLang's port answers before its warm-up is done).
         dead_status: a status ``health_path`` answers after readiness only once the engine
@@ -58,7 +64,7 @@ class ProcessSpec:
     argv: list[str]
     patterns: PatternTable
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key
-    health_path: str = "/v1/models"
+    health_path: str | None = "/v1/models"
     ready_line_required: bool = False
     dead_status: int | None = None
     connect_host: str = "127.0.0.1"
@@ -81,6 +87,8 @@ class EngineConfig(ProcessConfig):
         args: more flags for the engine; a flag given here wins over the fields.
         host: the address to listen on (``0.0.0.0`` opens the server to the network).
         python: the interpreter the engine is installed in.
+        nodes: one model across several nodes (``_nodes.NodesConfig``): every node runs
+            the same config; node 0 serves, the others run their part of the engine.
     """
 
     tp: Integer = Field(default=1, ge=1, le=4096)
@@ -89,11 +97,16 @@ class EngineConfig(ProcessConfig):
     args: FlagArgs = Field(default_factory=dict)
     host: Text = "127.0.0.1"
     python: Text = sys.executable
+    nodes: NodesConfig | None = None
 
     @field_validator("args")
     @classmethod
     def _valid_args(cls, args: FlagArgs) -> FlagArgs:
         return check_args(args)
+
+    def node_process_spec(self, port: int, plan: NodePlan) -> ProcessSpec:  # pragma: no cover
+        """The command for this node's part of a multi-node server (``plan``)."""
+        raise NotImplementedError
 
     @field_validator("model", "host")
     @classmethod
@@ -103,8 +116,10 @@ class EngineConfig(ProcessConfig):
         return value
 
     def secrets(self) -> list[str]:
-        """The base's secrets and the values of secret flags in ``args`` (``hf-token``)."""
-        return [*super().secrets(), *secret_values(self.args)]
+        """The base's secrets, the values of secret flags in ``args`` (``hf-token``), the
+        nodes' liveness token."""
+        nodes = self.nodes.secrets() if self.nodes is not None else []
+        return [*super().secrets(), *secret_values(self.args), *nodes]
 
     def _shown(self, name: str, value: Any) -> Any:
         return masked(value) if name == "args" else super()._shown(name, value)

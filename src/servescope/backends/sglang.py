@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from .._config import MAX_SECONDS, Flag, Integer, Number, Text
 from .._logscan import PatternTable
+from .._nodes import NodesConfig
 from ._base import (
     ADDRESS_IN_USE,
     EngineConfig,
@@ -34,6 +35,9 @@ from ._base import (
     has_flag,
     runs_this_python,
 )
+
+if TYPE_CHECKING:
+    from .._multinode import NodePlan
 
 __all__ = ["SGLANG_PATTERNS", "SGLangConfig", "sglang_supports_strict_ports"]
 
@@ -115,6 +119,13 @@ class SGLangConfig(EngineConfig):
             )
         return args
 
+    @field_validator("nodes")
+    @classmethod
+    def _no_ray(cls, nodes: NodesConfig | None) -> NodesConfig | None:
+        if nodes is not None and nodes.executor != "mp":
+            raise ValueError("SGLang runs across nodes by itself: executor must be 'mp'")
+        return nodes
+
     def server_args(self) -> list[str]:
         """The flags after ``--port``."""
         args = self.args
@@ -148,3 +159,28 @@ class SGLangConfig(EngineConfig):
             ready_line_required=True,
             connect_host=self.connect_host(),
         )
+
+    def node_process_spec(self, port: int, plan: NodePlan) -> ProcessSpec:
+        """Every node runs ``launch_server`` with ``--nnodes --node-rank --dist-init-addr``;
+        only node 0 serves HTTP (the others print no ready line and need no probe)."""
+        spec = self.process_spec(port)
+        role = plan.role
+        flags = []
+        for name, value in [
+            ("nnodes", str(role.nnodes)),
+            ("node-rank", str(role.rank)),
+            ("dist-init-addr", f"{role.master_addr}:{role.master_port}"),
+        ]:
+            if not has_flag(self.args, name):
+                flags += [f"--{name}", value]
+        argv = [*spec.argv, *flags]
+        if plan.is_head:
+            return ProcessSpec(
+                argv,
+                spec.patterns,
+                spec.env,
+                health_path=spec.health_path,
+                ready_line_required=True,
+                connect_host=spec.connect_host,
+            )
+        return ProcessSpec(argv, spec.patterns, spec.env, health_path=None)

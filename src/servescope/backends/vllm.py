@@ -23,11 +23,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
 from .._config import MAX_SECONDS, Flag, Integer, Number, Text
+from .._errors import ConfigError
 from .._logscan import PatternTable
 from ._base import (
     ADDRESS_IN_USE,
@@ -40,6 +41,9 @@ from ._base import (
     has_flag,
     runs_this_python,
 )
+
+if TYPE_CHECKING:
+    from .._multinode import NodePlan
 
 __all__ = ["VLLM_PATTERNS", "VLLMConfig", "vllm_version"]
 
@@ -212,3 +216,45 @@ class VLLMConfig(EngineConfig):
             connect_host=self.connect_host(),
             compile_key=compile_key(self.compile_parts()) if self.compile_lock else None,
         )
+
+    def node_process_spec(self, port: int, plan: NodePlan) -> ProcessSpec:
+        """This node's part across nodes. ``executor="mp"`` (vLLM's own multi-node mode):
+        ``--nnodes --node-rank --master-addr --master-port`` on every node, and the other
+        nodes ``--headless`` (no HTTP server; only the ``vllm`` CLI has that flag).
+        ``executor="ray"``: the head runs ``--distributed-executor-backend ray`` on the Ray
+        cluster servescope started (the other nodes run Ray, not vLLM)."""
+        spec = self.process_spec(port)
+        role = plan.role
+        args = self.args
+        flags = []
+        if not has_flag(args, "distributed-executor-backend"):
+            flags += ["--distributed-executor-backend", plan.settings.executor]
+        if plan.settings.executor == "mp":
+            for name, value in [
+                ("nnodes", role.nnodes),
+                ("node-rank", role.rank),
+                ("master-addr", role.master_addr),
+                ("master-port", role.master_port),
+            ]:
+                if not has_flag(args, name):
+                    flags += [f"--{name}", str(value)]
+        if plan.is_head:
+            return ProcessSpec(
+                [*spec.argv, *flags],
+                spec.patterns,
+                spec.env,
+                health_path=spec.health_path,
+                dead_status=spec.dead_status,
+                connect_host=spec.connect_host,
+                compile_key=spec.compile_key,
+            )
+        launcher = self.launcher()
+        if launcher[-1] != "serve":
+            raise ConfigError(
+                "a vLLM worker node runs `vllm serve --headless`, which only the vllm CLI "
+                f"has, and there is no `vllm` script beside {self.python}: install vllm "
+                "there, or set executable to a command that behaves like it"
+            )
+        if not has_flag(args, "headless"):
+            flags.append("--headless")
+        return ProcessSpec([*spec.argv, *flags], spec.patterns, spec.env, health_path=None)

@@ -1,0 +1,217 @@
+"""Node roles (``_nodes.resolve_role``): from the config, torchrun, SLURM or datatrove;
+incomplete or disagreeing sources are clear errors. Pure: the environment is a dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from servescope import ConfigError, NodesConfig, VLLMConfig
+from servescope._nodes import NodeRole, first_slurm_host, resolve_role
+
+NONE = NodesConfig()
+
+
+def role(env: dict[str, str], nodes: NodesConfig = NONE, **config: Any) -> NodeRole:
+    if config:
+        nodes = NodesConfig(**config)
+    return resolve_role(nodes, env, lambda nodelist: first_slurm_host(nodelist))
+
+
+TABLE = [
+    # (config, env, (nnodes, rank, master, port, source))
+    (
+        {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1"},
+        {},
+        (2, 1, "10.0.0.1", 29500, "config"),
+    ),
+    (
+        {"nnodes": 2, "node_rank": 0, "master_addr": "h0", "master_port": 7000},
+        {"NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "x"},
+        (2, 0, "h0", 7000, "config"),
+    ),
+    (
+        {},
+        {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"},
+        (2, 1, "h0", 1234, "torchrun"),
+    ),
+    (
+        {"master_port": 9000},
+        {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"},
+        (2, 0, "h0", 9000, "torchrun"),
+    ),
+    (
+        {},
+        {"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[007-009]"},
+        (3, 2, "gpu007", 29500, "slurm"),
+    ),
+    (
+        {},
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "a1,b2"},
+        (2, 0, "a1", 29500, "slurm"),
+    ),
+    (
+        {},
+        {"DATATROVE_NODE_RANK": "1", "DATATROVE_NODE_IPS": "10.1.0.5,10.1.0.6"},
+        (2, 1, "10.1.0.5", 29500, "datatrove"),
+    ),
+    ({}, {"DATATROVE_NODE_RANK": "-1"}, (1, 0, "127.0.0.1", 29500, "datatrove")),
+    # torchrun first; SLURM agreeing on count and rank is fine
+    (
+        {},
+        {
+            "NNODES": "2",
+            "NODE_RANK": "1",
+            "MASTER_ADDR": "h0",
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": "1",
+            "SLURM_JOB_NODELIST": "n[1-2]",
+        },
+        (2, 1, "h0", 29500, "torchrun"),
+    ),
+    # an incomplete later source is not compared
+    (
+        {},
+        {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h0", "SLURM_NNODES": "5"},
+        (2, 1, "h0", 29500, "torchrun"),
+    ),
+    ({"nnodes": 1, "node_rank": 0}, {}, (1, 0, "127.0.0.1", 29500, "config")),
+]
+
+
+@pytest.mark.parametrize(("config", "env", "expected"), TABLE)
+def test_roles_from_the_first_source_set(
+    config: dict[str, Any], env: dict[str, str], expected: tuple[Any, ...]
+) -> None:
+    found = role(env, **config) if config else role(env)
+    assert (
+        found.nnodes,
+        found.rank,
+        found.master_addr,
+        found.master_port,
+        found.source,
+    ) == expected
+    assert found.is_head == (expected[1] == 0)
+
+
+ERRORS = [
+    ({}, {}, "no node roles for a multi-node server"),
+    ({"nnodes": 2, "node_rank": 0}, {}, "nodes.master_addr not set"),
+    ({"node_rank": 0}, {}, "nodes.nnodes not set"),
+    ({"nnodes": 2, "node_rank": 2, "master_addr": "h"}, {}, "node rank 2 from config"),
+    ({}, {"NNODES": "2", "MASTER_ADDR": "h"}, "incomplete node roles from torchrun"),
+    ({}, {"NNODES": "two", "NODE_RANK": "0", "MASTER_ADDR": "h"}, "NNODES='two' is not a number"),
+    (
+        {},
+        {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "99999"},
+        "MASTER_PORT='99999'",
+    ),
+    (
+        {},
+        {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "-rf"},
+        "MASTER_ADDR: '-rf' is not a host",
+    ),
+    (
+        {},
+        {
+            "NNODES": "2",
+            "NODE_RANK": "1",
+            "MASTER_ADDR": "h0",
+            "SLURM_NNODES": "4",
+            "SLURM_NODEID": "1",
+            "SLURM_JOB_NODELIST": "n[1-4]",
+        },
+        "the node roles disagree: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT say node 1 of 2, "
+        "SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST say node 1 of 4",
+    ),
+    (
+        {},
+        {
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": "a,b",
+            "DATATROVE_NODE_RANK": "1",
+            "DATATROVE_NODE_IPS": "x,y",
+        },
+        "the node roles disagree",
+    ),
+    ({}, {"SLURM_NNODES": "2", "SLURM_NODEID": "1"}, "SLURM_JOB_NODELIST not set"),
+    ({}, {"DATATROVE_NODE_RANK": "1"}, "DATATROVE_NODE_IPS not set"),
+    ({}, {"DATATROVE_NODE_RANK": "3", "DATATROVE_NODE_IPS": "a,b"}, "node rank 3 from datatrove"),
+    ({}, {"DATATROVE_NODE_RANK": "0", "DATATROVE_NODE_IPS": "a,b c"}, "DATATROVE_NODE_IPS: 'b c'"),
+    (
+        {},
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": ",n1"},
+        "names no host",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "env", "message"), ERRORS)
+def test_bad_roles_are_clear_errors(
+    config: dict[str, Any], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        role(env, **config) if config else role(env)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [
+        ("gpu[003-005,9],cpu1", "gpu003"),
+        ("n1", "n1"),
+        ("a[7]", "a7"),
+        ("x-1,x-2", "x-1"),
+        ("  h[10-12]", "h10"),
+    ],
+)
+def test_first_slurm_host(nodelist: str, first: str) -> None:
+    assert first_slurm_host(nodelist) == first
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "NNODES",
+                "NODE_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "SLURM_NNODES",
+                "SLURM_NODEID",
+                "SLURM_JOB_NODELIST",
+                "DATATROVE_NODE_RANK",
+                "DATATROVE_NODE_IPS",
+            ]
+        ),
+        st.text(max_size=30),
+    )
+)
+def test_any_environment_gives_a_role_or_a_config_error(env: dict[str, str]) -> None:
+    try:
+        found = role(env)
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        assert 0 <= found.rank < found.nnodes
+        return
+    assert message
+
+
+def test_nodes_config_validation_and_secrets() -> None:
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        NodesConfig(heartbeat_interval=0)
+    with pytest.raises(ConfigError, match="master_addr: Value error, must be a host"):
+        NodesConfig(master_addr="--evil")
+    with pytest.raises(ConfigError, match="executor"):
+        NodesConfig(executor="slurm")
+    with pytest.raises(ConfigError, match="sets the port"):
+        NodesConfig(ray_args={"port": 1})
+    config = VLLMConfig(model="m", nodes=NodesConfig(token="s3cret-token-value"))
+    assert "s3cret-token-value" not in repr(config)
+    assert "s3cret-token-value" not in str(config.model_dump())
+    assert "s3cret-token-value" in config.secrets()
