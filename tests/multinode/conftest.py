@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from .netns import SKIPPED, NetNodes, NetnsUnavailable, net_nodes, skip_unavailable
+from .scenario import FIGURES
 
 
 @pytest.fixture
@@ -27,7 +28,13 @@ def netnodes() -> Iterator[NetNodes]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say how many multi-node tests were skipped for want of namespaces, and why."""
+    """The measured times; how many multi-node tests were skipped for want of
+    namespaces, and why."""
+    if FIGURES:
+        terminalreporter.write_sep("-", "multi-node figures (seconds)")
+        for name, values in FIGURES.items():
+            shown = ", ".join(f"{value:.2f}" for value in values)
+            terminalreporter.write_line(f"{name}: {shown}")
     if SKIPPED:
         reasons = sorted(set(SKIPPED))
         terminalreporter.write_line(

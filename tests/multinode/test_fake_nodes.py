@@ -1,0 +1,108 @@
+"""One model across two network-namespace nodes, each node's scope a ``servescope serve``
+process in its namespace, the engine a fake that takes the real flags, makes a real TCP
+rendezvous and prints the real lines (``fake_vllm.py`` for vLLM's own multi-node mode,
+``fake_sglang`` for SGLang ``--nnodes``) — and, like the real engines, never notices an
+idle peer's death. Each failure is timed (``FIGURES``, printed at the end of the run)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .netns import FAKE_VLLM, HEAD_IP, NetNodes, fake_sglang_env
+from .scenario import figure, head_url, kill_node, post, two_nodes, wait_empty
+
+#: servescope's default heartbeat (0.5 s) and node timeout (3 s): the figures are the
+#: defaults' figures.
+NODES = {"nnodes": 2, "master_addr": HEAD_IP, "master_port": 29600}
+
+
+def config(backend: str) -> dict[str, Any]:
+    common = {
+        "model": "fake-model",
+        "tp": 2,
+        "host": "0.0.0.0",
+        "nodes": NODES,
+        "startup_timeout": 60,
+        "shutdown_grace": 5,
+        "env": {"FAKE_ENGINE_LIFETIME": "120"},
+    }
+    if backend == "vllm":
+        return {"backend": "vllm", "executable": [sys.executable, str(FAKE_VLLM)], **common}
+    env = {**common["env"], **fake_sglang_env()}  # type: ignore[dict-item]
+    return {"backend": "sglang", "strict_ports": False, **common, "env": env}
+
+
+BACKENDS = ["vllm", "sglang"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serves_through_the_head_and_the_heads_end_ends_the_worker(
+    netnodes: NetNodes, tmp_path: Path, backend: str
+) -> None:
+    with two_nodes(netnodes, config(backend), tmp_path, ready_within=60) as (head, worker):
+        url = head_url(head)
+        answer = post(
+            netnodes.head, url, "/v1/completions", {"model": "fake-model", "prompt": "hi"}
+        )
+        assert answer["choices"][0]["text"]
+        head.proc.send_signal(signal.SIGTERM)
+        assert head.wait_exit(30)[0] == 0
+        code, took = worker.wait_exit(15)
+        assert code == 0, worker.tail()
+        figure(f"{backend}: head's normal end → worker node's scope exited", took)
+        assert "the head ended; done" in worker.tail()
+        figure(
+            f"{backend}: head's end → last process gone on the worker",
+            wait_empty(netnodes.worker, 10),
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dead_worker_node_fails_the_head_with_no_request(
+    netnodes: NetNodes, tmp_path: Path, backend: str
+) -> None:
+    with two_nodes(netnodes, config(backend), tmp_path, ready_within=60) as (head, _):
+        kill_node(netnodes.worker)  # every process of the node, servescope's included
+        code, took = head.wait_exit(20)
+        assert code != 0
+        assert (
+            "node 1 (10.250.0.2:" in head.tail() and "ServerCrashed" in head.tail()
+        ) or "node 1" in head.tail()
+        figure(f"{backend}: worker node SIGKILLed → head's exception", took)
+        wait_empty(netnodes.head, 15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_heads_driver_killed_ends_the_worker_node(
+    netnodes: NetNodes, tmp_path: Path, backend: str
+) -> None:
+    with two_nodes(netnodes, config(backend), tmp_path, ready_within=60) as (head, worker):
+        os.kill(head.proc.pid, signal.SIGKILL)  # servescope on the head, nothing else
+        code, took = worker.wait_exit(20)
+        assert code != 0
+        assert "the head is lost" in worker.tail()
+        figure(f"{backend}: head's driver SIGKILLed → worker's exception", took)
+        figure(
+            f"{backend}: head's driver SIGKILLed → worker node empty",
+            took + wait_empty(netnodes.worker, 10),
+        )
+        wait_empty(netnodes.head, 15)  # the reaper took the head's engine down
+
+
+def test_a_cut_link_fails_both_sides_within_the_node_timeout(
+    netnodes: NetNodes, tmp_path: Path
+) -> None:
+    with two_nodes(netnodes, config("vllm"), tmp_path, ready_within=60) as (head, worker):
+        netnodes.worker.cut()
+        code, took = head.wait_exit(20)
+        assert code != 0 and "nothing heard for 3 s" in head.tail()
+        figure("link cut → head's exception", took)
+        code, took_worker = worker.wait_exit(20)
+        assert code != 0 and "the head is lost" in worker.tail()
+        figure("link cut → worker node empty", took + took_worker + wait_empty(netnodes.worker, 10))
