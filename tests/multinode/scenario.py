@@ -53,6 +53,10 @@ class NodeRun:
             ) from None
         return code, time.monotonic() - start
 
+    def text(self) -> str:
+        """Everything the node's process printed so far."""
+        return self.out.read_text(errors="replace")
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.out.read_text(errors="replace").splitlines()[-lines:])
 
@@ -113,16 +117,19 @@ def two_nodes(
     *,
     ready_within: float,
     python: str = sys.executable,
-    env: dict[str, str] | None = None,
+    node_env: dict[int, dict[str, str]] | None = None,
+    name: str = "ready (both nodes)",
 ) -> Iterator[tuple[NodeRun, NodeRun]]:
-    """Both nodes started (worker first, as a scheduler may), both ready."""
-    worker = start_node(netnodes.worker, config, workdir, python=python, env=env)
-    head = start_node(netnodes.head, config, workdir, python=python, env=env)
+    """Both nodes started (worker first, as a scheduler may), both ready; ``node_env``:
+    more environment per node rank; ``name``: the start-up time's figure."""
+    envs = node_env or {}
+    worker = start_node(netnodes.worker, config, workdir, python=python, env=envs.get(1))
+    head = start_node(netnodes.head, config, workdir, python=python, env=envs.get(0))
     try:
         started = time.monotonic()
         head.wait_line(HEAD_READY, ready_within)
         worker.wait_line(WORKER_READY, 30)
-        figure("ready (both nodes)", time.monotonic() - started)
+        figure(name, time.monotonic() - started)
         yield head, worker
     finally:
         for run in (head, worker):

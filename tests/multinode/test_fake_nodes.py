@@ -56,7 +56,7 @@ def test_serves_through_the_head_and_the_heads_end_ends_the_worker(
         code, took = worker.wait_exit(15)
         assert code == 0, worker.tail()
         figure(f"{backend}: head's normal end → worker node's scope exited", took)
-        assert "the head ended; done" in worker.tail()
+        assert "the head ended; done" in worker.text()
         figure(
             f"{backend}: head's end → last process gone on the worker",
             wait_empty(netnodes.worker, 10),
@@ -72,8 +72,8 @@ def test_a_dead_worker_node_fails_the_head_with_no_request(
         code, took = head.wait_exit(20)
         assert code != 0
         assert (
-            "node 1 (10.250.0.2:" in head.tail() and "ServerCrashed" in head.tail()
-        ) or "node 1" in head.tail()
+            "node 1 (10.250.0.2:" in head.text() and "ServerCrashed" in head.text()
+        ) or "node 1" in head.text()
         figure(f"{backend}: worker node SIGKILLed → head's exception", took)
         wait_empty(netnodes.head, 15)
 
@@ -86,7 +86,7 @@ def test_the_heads_driver_killed_ends_the_worker_node(
         os.kill(head.proc.pid, signal.SIGKILL)  # servescope on the head, nothing else
         code, took = worker.wait_exit(20)
         assert code != 0
-        assert "the head is lost" in worker.tail()
+        assert "the head is lost" in worker.text()
         figure(f"{backend}: head's driver SIGKILLed → worker's exception", took)
         figure(
             f"{backend}: head's driver SIGKILLed → worker node empty",
@@ -101,8 +101,8 @@ def test_a_cut_link_fails_both_sides_within_the_node_timeout(
     with two_nodes(netnodes, config("vllm"), tmp_path, ready_within=60) as (head, worker):
         netnodes.worker.cut()
         code, took = head.wait_exit(20)
-        assert code != 0 and "nothing heard for 3 s" in head.tail()
+        assert code != 0 and "nothing heard for 3 s" in head.text()
         figure("link cut → head's exception", took)
         code, took_worker = worker.wait_exit(20)
-        assert code != 0 and "the head is lost" in worker.tail()
+        assert code != 0 and "the head is lost" in worker.text()
         figure("link cut → worker node empty", took + took_worker + wait_empty(netnodes.worker, 10))

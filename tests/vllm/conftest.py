@@ -24,6 +24,8 @@ import pytest
 import servescope
 
 from ..conftest import leftover_processes
+from ..multinode.netns import SKIPPED as NETNS_SKIPPED
+from ..multinode.scenario import FIGURES as MULTINODE_FIGURES
 
 BUILDER = Path(__file__).with_name("make_tiny_model.py")
 #: A model vLLM's CPU backend serves, and one whose engine dies on its first request.
@@ -116,3 +118,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("vLLM figures")
         for name, value in FIGURES.items():
             terminalreporter.write_line(f"{name}: {value}")
+    if MULTINODE_FIGURES:
+        terminalreporter.section("multi-node figures (seconds)")
+        for name, values in MULTINODE_FIGURES.items():
+            terminalreporter.write_line(f"{name}: {', '.join(f'{v:.2f}' for v in values)}")
+    if NETNS_SKIPPED:
+        reasons = "; ".join(sorted(set(NETNS_SKIPPED)))
+        terminalreporter.write_line(
+            f"multinode: {len(NETNS_SKIPPED)} tests skipped: {reasons}", yellow=True
+        )
