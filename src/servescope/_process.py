@@ -148,16 +148,20 @@ async def spawn_server(
     except OSError as exc:
         raise ServerStartError(f"cannot start the reaper process: {exc}") from exc
     try:
-        reaper = await anyio.open_process(
-            command,
-            stdin=theirs.fileno(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **env, TREE_VARIABLE: token},
-            start_new_session=True,
-        )
+        # Shielded: a start cancelled half way leaves asyncio killing a reaper it no
+        # longer waits for (alive a moment after we return); the spawn takes milliseconds,
+        # and a cancellation is acted on right after it (the tree torn down).
+        with anyio.CancelScope(shield=True):
+            reaper = await anyio.open_process(
+                command,
+                stdin=theirs.fileno(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, **env, TREE_VARIABLE: token},
+                start_new_session=True,
+            )
     except BaseException as exc:
-        ours.close()  # (cancelled: asyncio has killed a half-started reaper itself)
+        ours.close()
         if isinstance(exc, OSError):
             raise ServerStartError(f"cannot start the reaper process: {exc}") from exc
         raise
