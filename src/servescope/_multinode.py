@@ -296,6 +296,7 @@ class NodeCoordinator:
             dead_status=spec.dead_status,
             connect_host=spec.connect_host,
             compile_key=spec.compile_key,
+            max_grace=spec.max_grace,
         )
 
     def part_up(self) -> None:

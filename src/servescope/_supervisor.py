@@ -433,7 +433,10 @@ class Supervisor:
             self.log.note(f"start {number}/{config.start_attempts}: {shlex.join(spec.argv)}")
             env = {**spec.env, **self.state.env}
             try:
-                process = await spawn_server(spec.argv, env=env, grace=config.shutdown_grace)
+                grace = config.shutdown_grace
+                if spec.max_grace is not None:
+                    grace = min(grace, spec.max_grace)
+                process = await spawn_server(spec.argv, env=env, grace=grace)
             except ServerStartError as exc:
                 if number == 1:
                     raise

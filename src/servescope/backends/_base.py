@@ -59,6 +59,8 @@ class ProcessSpec:
         connect_host: where clients connect (the server may listen more widely).
         compile_key: serialise start-ups of this configuration across jobs sharing a
             filesystem until the first one is ready (vLLM's torch.compile cache).
+        max_grace: a cap on the SIGTERM-to-SIGKILL grace, for a process with nothing
+            worth a longer one (a Ray node).
     """
 
     argv: list[str]
@@ -69,6 +71,7 @@ class ProcessSpec:
     dead_status: int | None = None
     connect_host: str = "127.0.0.1"
     compile_key: str | None = None
+    max_grace: float | None = None
 
 
 class ProcessConfig(ServerConfig):

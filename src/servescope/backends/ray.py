@@ -27,7 +27,11 @@ from .._config import Integer, Text
 from .._logscan import PatternTable
 from ._base import FlagArgs, ProcessConfig, ProcessSpec, cli_args, has_flag
 
-__all__ = ["RAY_HEALTH_ENV", "RAY_PATTERNS", "RayNodeConfig"]
+__all__ = ["RAY_GRACE", "RAY_HEALTH_ENV", "RAY_PATTERNS", "RayNodeConfig"]
+
+#: A Ray node keeps nothing worth a long SIGTERM grace, and its ``gcs_server`` takes
+#: 10-20 s to act on SIGTERM (its orphaned agents ignore it): SIGKILL after this.
+RAY_GRACE = 1.0
 
 RAY_PATTERNS = PatternTable.build(
     ready=[r"Ray runtime started"],
@@ -93,5 +97,10 @@ class RayNodeConfig(ProcessConfig):
             env.update(RAY_HEALTH_ENV)
         patterns = RAY_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
         return ProcessSpec(
-            argv, patterns, {**env, **self.env}, health_path=None, ready_line_required=True
+            argv,
+            patterns,
+            {**env, **self.env},
+            health_path=None,
+            ready_line_required=True,
+            max_grace=RAY_GRACE,
         )
