@@ -59,6 +59,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_generate.py")
     session.run("python", "benchmarks/bench_replicas.py")
     session.run("python", "benchmarks/bench_router.py")
+    session.run("python", "benchmarks/bench_multinode.py")
 
 
 @nox.session
