@@ -98,13 +98,15 @@ def start_node(
     *,
     python: str = sys.executable,
     env: dict[str, str] | None = None,
+    command: tuple[str, ...] = ("serve",),
 ) -> NodeRun:
-    """``servescope serve`` for ``node`` with ``config`` (its ``nodes.node_rank`` set)."""
+    """``servescope serve`` (or ``command``) for ``node`` with ``config`` (its
+    ``nodes.node_rank`` set)."""
     config = {**config, "nodes": {**config.get("nodes", {}), "node_rank": node.rank}}
     path = workdir / f"node{node.rank}.json"
     path.write_text(json.dumps(config))
     out = workdir / f"node{node.rank}.out"
-    argv = [python, "-m", "servescope", "serve", "--config", str(path), "--log-level", "INFO"]
+    argv = [python, "-m", "servescope", *command, "--config", str(path), "--log-level", "INFO"]
     proc = node.spawn(argv, env={"SERVESCOPE_NODE_TOKEN": TOKEN, **(env or {})}, log=out)
     return NodeRun(node, proc, out)
 

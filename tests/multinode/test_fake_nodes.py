@@ -6,6 +6,7 @@ idle peer's death. Each failure is timed (``FIGURES``, printed at the end of the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from .netns import FAKE_VLLM, HEAD_IP, NetNodes, fake_sglang_env
-from .scenario import figure, head_url, kill_node, post, two_nodes, wait_empty
+from .scenario import figure, head_url, kill_node, post, start_node, two_nodes, wait_empty
 
 #: servescope's default heartbeat (0.5 s) and node timeout (3 s): the figures are the
 #: defaults' figures.
@@ -106,3 +107,32 @@ def test_a_cut_link_fails_both_sides_within_the_node_timeout(
         code, took_worker = worker.wait_exit(20)
         assert code != 0 and "the head is lost" in worker.text()
         figure("link cut → worker node empty", took + took_worker + wait_empty(netnodes.worker, 10))
+
+
+def test_generate_on_every_node_the_head_writes_the_output(
+    netnodes: NetNodes, tmp_path: Path
+) -> None:
+    """The same ``servescope generate`` on both nodes (as srun runs it): the head sends
+    the prompts and writes the output; the worker lends its engine and exits 0 with the
+    head, touching neither file."""
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "p{i}"}}\n' for i in range(40)))
+    output = tmp_path / "out.jsonl"
+    command = ("generate", str(prompts), "-o", str(output), "--progress", "none")
+    worker = start_node(netnodes.worker, config("vllm"), tmp_path, command=command)
+    head = start_node(netnodes.head, config("vllm"), tmp_path, command=command)
+    try:
+        code, _ = head.wait_exit(60)
+        assert code == 0, head.tail()
+        code, took = worker.wait_exit(15)
+        assert code == 0, worker.tail()
+        assert "worker node 1 of 2: the head serves at http://10.250.0.1:" in worker.text()
+        figure("generate: head done → worker node's exit", took)
+    finally:
+        for run in (head, worker):
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait(10)
+    lines = output.read_text().splitlines()
+    assert len(lines) == 40 and len({json.loads(line)["id"] for line in lines}) == 40
+    wait_empty(netnodes.worker, 10)
