@@ -175,22 +175,21 @@ async def test_a_failed_head_fails_the_worker_with_its_reason(anyio_backend: str
     assert gone(worker["pids"])
 
 
-async def test_a_worker_without_its_head_fails_at_startup_timeout(anyio_backend: str) -> None:
-    _, worker_config = node_configs()
-    worker_config = worker_config.model_copy(update={"startup_timeout": 2.0})
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [
+        (1, "the head 127.0.0.1 never said it was ready"),
+        (0, "node(s) 1 never joined the liveness channel"),
+    ],
+)
+async def test_a_node_whose_peer_never_comes_fails_at_startup_timeout_saying_so(
+    anyio_backend: str, rank: int, expected: str
+) -> None:
+    config = node_configs()[rank].model_copy(update={"startup_timeout": 2.0})
     with anyio.fail_after(30), pytest.raises(ServerStartError) as caught:
-        async with servescope.open_server(worker_config) as node:
-            await node.wait_ready()
-    assert "the head 127.0.0.1 never said it was ready" in caught.value.reason
-
-
-async def test_a_head_whose_worker_never_comes_says_which(anyio_backend: str) -> None:
-    head_config, _ = node_configs()
-    head_config = head_config.model_copy(update={"startup_timeout": 2.0})
-    with anyio.fail_after(30), pytest.raises(ServerStartError) as caught:
-        async with servescope.open_server(head_config) as head:
-            await head.wait_ready()
-    assert "node(s) 1 never joined the liveness channel" in caught.value.reason
+        async with servescope.open_server(config) as server:
+            await server.wait_ready()
+    assert expected in caught.value.reason
 
 
 async def test_a_token_is_required(anyio_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:

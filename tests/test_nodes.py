@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from servescope import ConfigError, NodesConfig, VLLMConfig
 from servescope._multinode import _first_host, plan_nodes
@@ -174,35 +172,6 @@ def test_bad_roles_are_clear_errors(
 )
 def test_first_slurm_host(nodelist: str, first: str) -> None:
     assert first_slurm_host(nodelist) == first
-
-
-@given(
-    st.dictionaries(
-        st.sampled_from(
-            [
-                "NNODES",
-                "NODE_RANK",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-                "SLURM_NNODES",
-                "SLURM_NODEID",
-                "SLURM_JOB_NODELIST",
-                "DATATROVE_NODE_RANK",
-                "DATATROVE_NODE_IPS",
-            ]
-        ),
-        st.text(max_size=30),
-    )
-)
-def test_any_environment_gives_a_role_or_a_config_error(env: dict[str, str]) -> None:
-    try:
-        found = role(env)
-    except ConfigError as exc:
-        message = str(exc)
-    else:
-        assert 0 <= found.rank < found.nnodes
-        return
-    assert message
 
 
 def test_nodes_config_validation_and_secrets() -> None:
