@@ -62,7 +62,7 @@ from tests.multinode.fake_vllm import (  # noqa: E402
     serve_app,
 )
 
-from servescope._dummy_app import DummyApp, DummySettings  # noqa: E402
+from servescope._dummy_app import DummyApp, DummySettings, _lifespan  # noqa: E402
 
 READY_LINE = "The server is fired up and ready to roll!"
 
@@ -105,18 +105,25 @@ def _local_prefixes(args: argparse.Namespace) -> list[str]:
     return prefixes or [""]
 
 
+def _bind_or_exit(host: str, port: int, code: int) -> socket.socket:
+    """The port bound, or uvicorn's error line and exit ``code`` (as SGLang does)."""
+    bound = bind_or_none(host, port)
+    if isinstance(bound, OSError):
+        _log(
+            f"ERROR:    [Errno {bound.errno}] error while attempting to bind on address "
+            f"({host!r}, {port}): address already in use"
+        )
+        exit_now(code)
+    return bound
+
+
 class _HealthApp:
     """SGLang's dummy health server on ranks >= 1: ``/health``, ``/health_generate``."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await _lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         ok = scope["method"] == "GET" and scope["path"] in ("/health", "/health_generate")
@@ -174,14 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     http: socket.socket | None = None
     if args.node_rank == 0:
         # Bound now (as the fake holds its port), listening only at 'Uvicorn running on'.
-        bound = bind_or_none(args.host, args.port)
-        if isinstance(bound, OSError):
-            _log(
-                f"ERROR:    [Errno {bound.errno}] error while attempting to bind on address "
-                f"({args.host!r}, {args.port}): address already in use"
-            )
-            exit_now(3)
-        http = bound
+        http = _bind_or_exit(args.host, args.port, 3)
     for prefix in prefixes:
         _log("Init torch distributed begin.", prefix)
     host, _, port = (args.dist_init_addr or "127.0.0.1:0").rpartition(":")
@@ -216,13 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefixes[0],
     )
     if http is None:  # a node of rank >= 1
-        health = bind_or_none(args.host, args.port)
-        if isinstance(health, OSError):
-            _log(
-                f"ERROR:    [Errno {health.errno}] error while attempting to bind on address "
-                f"({args.host!r}, {args.port}): address already in use"
-            )
-            exit_now(1)
+        health = _bind_or_exit(args.host, args.port, 1)
         anyio.run(serve_app, _HealthApp(), health, lambda: None, lambda: None)
         return
 
