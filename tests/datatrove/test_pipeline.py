@@ -84,7 +84,7 @@ def run_pipeline(tmp_path: Path, config: Any, count: int = 20, **runner: Any) ->
 def failing(tmp_path: Path, config: Any) -> tuple[servescope.ServerError, float]:
     """Run a pipeline that must fail: the error and when it came out."""
     with pytest.raises(servescope.ServerError) as info:
-        run_pipeline(tmp_path, config)
+        run_pipeline(tmp_path, config, count=100)
     return info.value, time.time()
 
 
@@ -181,6 +181,49 @@ def test_a_server_whose_child_outlives_it(tmp_path: Path) -> None:
     printed = float(exiting.rsplit(" ", 1)[1])
     assert at - printed < 1.0, f"{at - printed:.2f} s from the exit to the error"
     gone(pid_file)
+
+
+def test_a_crash_mid_run_fails_within_a_second(tmp_path: Path) -> None:
+    """A server that served for a while and exits: the task fails at once (datatrove:
+    its requests fail, each retried with 5 s, 10 s, ... sleeps)."""
+    pid_file = tmp_path / "pids.json"
+    config = custom(
+        tmp_path,
+        **{
+            "latency": 0.1,
+            "print": "1.4:stderr:exiting at {time}",
+            "exit-after": 1.5,
+            "pid-file": str(pid_file),
+        },
+    )
+    config.max_concurrent_generations = 2
+    error, at = failing(tmp_path, config)
+    assert isinstance(error, servescope.ServerCrashed)
+    assert error.exit_code == 1
+    exiting = next(line for line in error.log_tail if line.startswith("exiting at"))
+    assert at - float(exiting.rsplit(" ", 1)[1]) < 1.1, "from the exit (0.1 s after the line)"
+    gone(pid_file)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_requests_outside_the_scope_are_refused(backend: str) -> None:
+    import anyio
+
+    from servescope.integrations._datatrove_config import ServerPlan
+    from servescope.integrations.datatrove import ServescopeServer
+
+    server = ServescopeServer(ServerPlan(servescope.DummyConfig()), rank=0, node=-1)
+
+    async def main() -> None:
+        with pytest.raises(servescope.ServerClosed, match="not running"):
+            await server.make_request({"messages": []})
+        async with server:
+            answer = await server.make_request({"messages": [{"role": "user", "content": "hi"}]})
+            assert answer["choices"][0]["message"]["content"]
+        with pytest.raises(servescope.ServerClosed):
+            await server.make_request({"messages": []})
+
+    anyio.run(main, backend=backend)
 
 
 def test_a_hung_server_ignoring_sigterm(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .._errors import BadRequest, RequestError
+from .._errors import BadRequest, RequestError, ServerClosed
 from .._pool import Pool, open_pool
 from .._server import Server, open_server
 from ._datatrove_config import DatatroveConfig, ServerPlan, map_config
@@ -83,7 +83,7 @@ class ServescopeServer:
     def target(self) -> Server | Pool:
         """The servescope ``Server`` (or ``Pool``) behind it, while entered."""
         if self._target is None:
-            raise RuntimeError("the server is not running: use it inside `async with`")
+            raise ServerClosed("the server is not running: requests go inside `async with server`")
         return self._target
 
     async def __aenter__(self) -> ServescopeServer:
