@@ -4,6 +4,7 @@ headless worker, Ray's nodes — command lines and environments, built purely.""
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import pytest
 
@@ -13,8 +14,8 @@ from servescope._nodes import NodeRole
 from servescope.backends.ray import RAY_GRACE, RayNodeConfig
 
 
-def plan(rank: int, executor: str = "mp") -> NodePlan:
-    settings = NodesConfig(executor=executor)  # type: ignore[arg-type]
+def plan(rank: int, executor: Literal["mp", "ray"] = "mp") -> NodePlan:
+    settings = NodesConfig(executor=executor)
     role = NodeRole(2, rank, "10.0.0.1", 29500, "config")
     return NodePlan(role, settings, f"10.0.0.{rank + 1}", "eth0", "t", 29501)
 

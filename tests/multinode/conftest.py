@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from .netns import SKIPPED, NetNodes, NetnsUnavailable, net_nodes, skip_unavailable
-from .scenario import FIGURES
+from .scenario import FIGURES, PEAK_RSS
 
 
 @pytest.fixture
@@ -35,6 +35,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for name, values in FIGURES.items():
             shown = ", ".join(f"{value:.2f}" for value in values)
             terminalreporter.write_line(f"{name}: {shown}")
+        for name, gib in PEAK_RSS.items():
+            terminalreporter.write_line(f"peak RSS of both nodes, {name}: {gib:.2f} GiB")
     if SKIPPED:
         reasons = sorted(set(SKIPPED))
         terminalreporter.write_line(

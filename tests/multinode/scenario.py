@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .netns import NetNodes, Node, wait_for_line
 
 #: Measured figures, printed at the end of the run: name → seconds, per run.
 FIGURES: dict[str, list[float]] = {}
+#: The peak resident memory of both nodes (GiB) per kind of start (``two_nodes``' name).
+PEAK_RSS: dict[str, float] = {}
 TOKEN = "multinode-test-token"
 HEAD_READY = r"^http://\S+/v1 model="
 WORKER_READY = r"worker node 1 of 2: the head serves at http://"
@@ -127,6 +132,8 @@ def two_nodes(
     envs = node_env or {}
     worker = start_node(netnodes.worker, config, workdir, python=python, env=envs.get(1))
     head = start_node(netnodes.head, config, workdir, python=python, env=envs.get(0))
+    memory = _MemorySampler(netnodes)
+    memory.start()
     try:
         started = time.monotonic()
         head.wait_line(HEAD_READY, ready_within)
@@ -134,6 +141,8 @@ def two_nodes(
         figure(name, time.monotonic() - started)
         yield head, worker
     finally:
+        memory.stop()
+        PEAK_RSS[name] = max(PEAK_RSS.get(name, 0.0), memory.peak / 2**30)
         for run in (head, worker):
             if run.proc.poll() is None:
                 run.proc.send_signal(signal.SIGTERM)
@@ -143,6 +152,32 @@ def two_nodes(
             except subprocess.TimeoutExpired:
                 run.proc.kill()
                 run.proc.wait(timeout=10)
+
+
+class _MemorySampler(threading.Thread):
+    """The largest sum of the resident memory of every process on both nodes, sampled
+    every 0.25 s (shared pages counted once per process: an upper bound)."""
+
+    def __init__(self, netnodes: NetNodes) -> None:
+        super().__init__(daemon=True)
+        self.nodes = netnodes.nodes
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            total = 0
+            for node in self.nodes:
+                for pid in node.pids():
+                    try:
+                        total += psutil.Process(pid).memory_info().rss
+                    except psutil.Error:
+                        continue
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
 
 
 def post(

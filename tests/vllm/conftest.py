@@ -26,6 +26,7 @@ import servescope
 from ..conftest import leftover_processes
 from ..multinode.netns import SKIPPED as NETNS_SKIPPED
 from ..multinode.scenario import FIGURES as MULTINODE_FIGURES
+from ..multinode.scenario import PEAK_RSS
 
 BUILDER = Path(__file__).with_name("make_tiny_model.py")
 #: A model vLLM's CPU backend serves, and one whose engine dies on its first request.
@@ -122,6 +123,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("multi-node figures (seconds)")
         for name, values in MULTINODE_FIGURES.items():
             terminalreporter.write_line(f"{name}: {', '.join(f'{v:.2f}' for v in values)}")
+        for name, gib in PEAK_RSS.items():
+            terminalreporter.write_line(f"peak RSS of both nodes, {name}: {gib:.2f} GiB")
     if NETNS_SKIPPED:
         reasons = "; ".join(sorted(set(NETNS_SKIPPED)))
         terminalreporter.write_line(

@@ -48,7 +48,12 @@ def test_tp2_across_two_nodes_serves_and_a_dead_worker_fails_the_head(
     netnodes: NetNodes, tmp_path: Path, tiny_models: Path, no_vllm_left: float
 ) -> None:
     with two_nodes(
-        netnodes, config(tiny_models / "tiny64"), tmp_path, ready_within=300, node_env=CORE
+        netnodes,
+        config(tiny_models / "tiny64"),
+        tmp_path,
+        ready_within=300,
+        node_env=CORE,
+        name="vLLM mp: ready",
     ) as (head, _):
         url = head_url(head)
         chat = post(
@@ -72,7 +77,12 @@ def test_the_heads_driver_killed_takes_the_headless_worker_down(
     netnodes: NetNodes, tmp_path: Path, tiny_models: Path, no_vllm_left: float
 ) -> None:
     with two_nodes(
-        netnodes, config(tiny_models / "tiny64"), tmp_path, ready_within=300, node_env=CORE
+        netnodes,
+        config(tiny_models / "tiny64"),
+        tmp_path,
+        ready_within=300,
+        node_env=CORE,
+        name="vLLM mp: ready",
     ) as (head, worker):
         os.kill(head.proc.pid, signal.SIGKILL)  # servescope on the head
         code, took = worker.wait_exit(60)
