@@ -285,6 +285,7 @@ def failures(deadline: float, root: Path) -> dict[str, Any]:
             began = time.time()
             report, left = launch(spec, deadline)
             entry: dict[str, Any] = {"scenario": name, "runner": runner, "left": left}
+            entry["left_at"] = "its return" if report is not None else "the deadline"
             if report is None:
                 entry["raised"] = f"nothing within {deadline:g} s (killed there)"
             else:
@@ -335,7 +336,7 @@ def main() -> None:
         print(f"{entry['runner']:<11} {entry['scenario']}")
         print(f"    raised: {entry['raised']}")
         print(f"    {shown}")
-        print(f"    processes left: {len(entry['left'])} {entry['left']}")
+        print(f"    processes alive at {entry['left_at']}: {len(entry['left'])} {entry['left']}")
     payload = {
         "revision": revision(),
         "docs": options.docs,

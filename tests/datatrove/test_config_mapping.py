@@ -227,6 +227,16 @@ def test_model_kwargs_dummy_and_endpoint() -> None:
     )
 
 
+@pytest.mark.parametrize("server_type", ["dummy", "endpoint", "vllm"])
+def test_secret_kwargs_are_not_echoed(server_type: str) -> None:
+    kwargs = {"hf_token": "hf_verysecretvalue"}
+    if server_type == "vllm":  # an engine takes it; its error masks it
+        kwargs["port"] = "1"
+    with pytest.raises(servescope.ConfigError, match=r"hf_token|port") as info:
+        plan(server_type, model_kwargs=kwargs)
+    assert "hf_verysecretvalue" not in str(info.value)
+
+
 def test_master_port_and_nodes() -> None:
     refused(r"InferenceConfig\.master_port=1234: it is used only across nodes", master_port=1234)
     with pytest.raises(servescope.ConfigError, match="DATATROVE_NODE_IPS lists 2 nodes"):

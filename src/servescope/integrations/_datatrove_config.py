@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from .._config import MAX_SECONDS, ServerConfig, excerpt
 from .._errors import ConfigError
+from .._redact import looks_secret
 from ..backends.custom import CustomConfig
 from ..backends.dummy import DummyConfig
 from ..backends.endpoint import EndpointConfig
@@ -186,7 +187,7 @@ def _set(config: object, defaults: Mapping[str, Any], name: str) -> bool:
 
 
 def _refuse(name: str, value: object, why: str) -> ConfigError:
-    shown = "(not shown)" if name == "api_key" else excerpt(value)
+    shown = "(not shown)" if looks_secret(name) else excerpt(value)
     return ConfigError(f"InferenceConfig.{name}={shown}: {why}")
 
 
