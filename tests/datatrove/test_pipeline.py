@@ -123,6 +123,19 @@ def test_dp_runs_a_pool_of_replicas(tmp_path: Path) -> None:
     assert sorted(ids) == sorted(f"doc-{i}" for i in range(50))
 
 
+def test_overloaded_answers_are_retried(tmp_path: Path) -> None:
+    """A third of the answers are 503s: servescope retries them (jittered backoff, no slot
+    held) and every document gets its answer. datatrove's own servers fail the document
+    on a 503 (they retry only connection errors, sleeping 5 s, 10 s, ... in their slot)."""
+    config = InferenceConfig(
+        server_type="dummy",
+        model_name_or_path="dummy",
+        model_kwargs={"faults": ["status=503"], "fault_rate": 0.3, "fault_seed": 7},
+    )
+    ids = run_pipeline(tmp_path, config, count=100)
+    assert sorted(ids) == sorted(f"doc-{i}" for i in range(100))
+
+
 def test_custom_server_process_and_its_log(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids.json"
     ids = run_pipeline(tmp_path, custom(tmp_path, **{"pid-file": str(pid_file)}), count=30)
