@@ -81,10 +81,10 @@ def run_pipeline(tmp_path: Path, config: Any, count: int = 20, **runner: Any) ->
     return written
 
 
-def failing(tmp_path: Path, config: Any) -> tuple[servescope.ServerError, float]:
+def failing(tmp_path: Path, config: Any, **runner: Any) -> tuple[servescope.ServerError, float]:
     """Run a pipeline that must fail: the error and when it came out."""
     with pytest.raises(servescope.ServerError) as info:
-        run_pipeline(tmp_path, config, count=100)
+        run_pipeline(tmp_path, config, count=100, **runner)
     return info.value, time.time()
 
 
@@ -239,11 +239,13 @@ def test_requests_outside_the_scope_are_refused(backend: str) -> None:
     anyio.run(main, backend=backend)
 
 
-def test_a_hung_server_ignoring_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grace", [None, 0.2])
+def test_a_hung_server_ignoring_sigterm(tmp_path: Path, grace: float | None) -> None:
     """(c) datatrove: a server that hangs starting and ignores SIGTERM, its child too: its
     cleanup SIGKILLs the server after 10 s and the child stays, with parent 1. Here the
     start-up deadline (datatrove's readiness window: 0.5 + 1 x 1.0 s) ends it, the whole
-    tree is SIGKILLed after the CRASH_GRACE a failed server gets, and the error follows."""
+    tree is SIGKILLed after the CRASH_GRACE a failed server gets (or a shorter
+    shutdown_grace), and the error follows."""
     pid_file = tmp_path / "pids.json"
     config = custom(
         tmp_path,
@@ -258,12 +260,13 @@ def test_a_hung_server_ignoring_sigterm(tmp_path: Path) -> None:
     config.server_ready_max_attempts = 1
     config.server_ready_delay_sec = 1.0
     config.server_start_max_retries = 0
+    settings = {} if grace is None else {"servescope_settings": {"shutdown_grace": grace}}
     began = time.time()
-    error, at = failing(tmp_path, config)
+    error, at = failing(tmp_path, config, **settings)
     assert isinstance(error, servescope.ServerStartError)
     assert "not ready within startup_timeout=1.5 s" in error.reason
     gone(pid_file)
     # From the pipeline's start (an upper bound on the server's): the deadline, the
     # grace, and less than a second more.
-    late = at - began - 1.5 - CRASH_GRACE
+    late = at - began - 1.5 - (CRASH_GRACE if grace is None else grace)
     assert late < 1.0, f"the error came {late:.2f} s after the deadline and the grace"
