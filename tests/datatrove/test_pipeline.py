@@ -43,18 +43,22 @@ async def rollout(document: Any, generate: Any) -> str:
     return str(result.text)
 
 
-def write_input(folder: Path, count: int) -> list[str]:
+def write_input(folder: Path, count: int, files: int = 1) -> list[str]:
     folder.mkdir(parents=True)
     ids = [f"doc-{i}" for i in range(count)]
-    with (folder / "input.jsonl").open("w") as file:
-        for doc_id in ids:
-            file.write(json.dumps({"id": doc_id, "text": f"text of {doc_id}"}) + "\n")
+    for part in range(files):
+        with (folder / f"input-{part}.jsonl").open("w") as file:
+            for doc_id in ids[part::files]:
+                file.write(json.dumps({"id": doc_id, "text": f"text of {doc_id}"}) + "\n")
     return ids
 
 
-def run_pipeline(tmp_path: Path, config: Any, count: int = 20, **runner: Any) -> list[str]:
-    """Run the pipeline on ``count`` documents; the ids written, in order written."""
-    write_input(tmp_path / "input", count)
+def run_pipeline(
+    tmp_path: Path, config: Any, count: int = 20, tasks: int = 1, **runner: Any
+) -> list[str]:
+    """Run the pipeline on ``count`` documents (a file per task, ``tasks`` tasks at once);
+    the ids written."""
+    write_input(tmp_path / "input", count, files=tasks)
     executor = LocalPipelineExecutor(
         pipeline=[
             JsonlReader(str(tmp_path / "input")),
@@ -62,8 +66,11 @@ def run_pipeline(tmp_path: Path, config: Any, count: int = 20, **runner: Any) ->
                 rollout, config, JsonlWriter(str(tmp_path / "output"), compression=None), **runner
             ),
         ],
-        tasks=1,
-        workers=1,
+        tasks=tasks,
+        workers=tasks,
+        # not datatrove's default forkserver: its daemon and resource tracker would live
+        # as long as the test process (and fail the leak check)
+        start_method="fork",
         logging_dir=str(tmp_path / "logs"),
         skip_completed=False,
     )
@@ -115,6 +122,18 @@ def test_every_document_through_the_dummy(tmp_path: Path) -> None:
     )
     ids = run_pipeline(tmp_path, config, count=200)
     assert sorted(ids) == sorted(f"doc-{i}" for i in range(200))
+
+
+def test_tasks_in_parallel_each_their_server(tmp_path: Path) -> None:
+    """Two tasks in two worker processes (datatrove pickles the runner): each runs its
+    own server (rank 0 and 1) and writes its shard."""
+    config = InferenceConfig(server_type="dummy", model_name_or_path="dummy")
+    ids = run_pipeline(tmp_path, config, count=60, tasks=2)
+    assert sorted(ids) == sorted(f"doc-{i}" for i in range(60))
+    assert sorted(path.name for path in (tmp_path / "output").iterdir()) == [
+        "00000.jsonl",
+        "00001.jsonl",
+    ]
 
 
 def test_dp_runs_a_pool_of_replicas(tmp_path: Path) -> None:

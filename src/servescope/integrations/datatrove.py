@@ -46,9 +46,10 @@ try:
         InferenceError,
     )
 except ImportError as exc:  # pragma: no cover - exercised without the extra
+    missing = exc.name or str(exc)
     raise ImportError(
         f"servescope.integrations.datatrove needs datatrove 0.10 and what its inference "
-        f"runner imports ({exc.name} is missing): pip install 'servescope[datatrove]'"
+        f"runner imports ({missing} is missing): pip install 'servescope[datatrove]'"
     ) from exc
 
 __all__ = ["InferenceConfig", "InferenceRunner", "ServescopeServer", "map_config"]
