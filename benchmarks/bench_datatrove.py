@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
 import resource
@@ -339,6 +340,8 @@ def main() -> None:
         print(f"    processes alive at {entry['left_at']}: {len(entry['left'])} {entry['left']}")
     payload = {
         "revision": revision(),
+        "datatrove": importlib.metadata.version("datatrove"),
+        "python": sys.version.split()[0],
         "docs": options.docs,
         "rounds": options.rounds,
         "cpus": os.cpu_count(),
