@@ -12,7 +12,6 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -283,75 +282,54 @@ async def test_a_finished_job_starts_no_server(
     )
 
 
-def colliding(size: int) -> Callable[..., Any]:
-    """A stand-in for ``blake2b`` whose digests of ids ``"a..."`` share all but the last
-    byte, and whose bucket is the same for every id: the worst case for the search."""
-
-    class Digest:
-        def __init__(self, data: bytes, digest_size: int) -> None:
-            assert digest_size == size
-            self.data = data
-
-        def digest(self) -> bytes:
-            tail = self.data[-1:] * 3
-            return (b"\0\0" + b"x" * size)[: size - 3] + tail
-
-    return Digest
-
-
 def test_ids_set_apart_by_the_last_digest_byte_are_distinct(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_generate, "blake2b", colliding(_generate.DIGEST))
+    """Stand-in hashes whose digests of ids ``"a..."`` share all but the last byte, and
+    whose bucket is the same for every id: the worst case for the search."""
+    monkeypatch.setattr(_generate, "_hash", lambda key: 0)
+    monkeypatch.setattr(_generate, "_crc", lambda key: key[-2] << 24)  # the last byte
     ids = IdSet()
     assert ids.add("a", DONE) is None and ids.add("b", PENDING) is None
     assert ids.get("a") == DONE and ids.get("b") == PENDING and ids.get("c") is None
     assert ids.put("b", SENT) == PENDING and ids.get("b") == SENT and len(ids) == 2
 
 
-def test_a_digest_found_across_two_records_is_no_match() -> None:
+def test_a_digest_found_across_two_records_is_no_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _generate.RECORD
     ids = IdSet(1_000_000)  # room for more than two records in a bucket
     # Two records whose bytes, read across their boundary, spell a third id's digest.
-    first, second = bytes(range(1, 16)) + b"\1", bytes(range(16, 31)) + b"\1"
-    ids._slab[:32] = first + second
-    ids._fill[0] = 32
-    needle = (first + second)[8:23]
-
-    class Fixed:
-        def __init__(self, data: bytes, digest_size: int) -> None:
-            pass
-
-        def digest(self) -> bytes:
-            return b"\0\0" + needle
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_generate, "blake2b", Fixed)
-        assert ids.get("x") is None
-        assert ids.add("x", PENDING) is None and ids.get("x") == PENDING
-    assert bytes(ids._slab[:32]) == first + second and ids._fill[0] == 48
+    first = bytes(range(1, record)) + b"\1"
+    second = bytes(range(record, 2 * record - 1)) + b"\1"
+    ids._slab[: 2 * record] = first + second
+    ids._fill[0] = 2 * record
+    needle = (first + second)[5 : 5 + record - 1]
+    # pack("<qI", hash, crc)[2:] == needle, in bucket 0
+    monkeypatch.setattr(
+        _generate, "_hash", lambda key: int.from_bytes(b"\0\0" + needle[:6], "little", signed=True)
+    )
+    monkeypatch.setattr(_generate, "_crc", lambda key: int.from_bytes(needle[6:], "little"))
+    assert ids.get("x") is None
+    assert ids.add("x", PENDING) is None and ids.get("x") == PENDING
+    assert bytes(ids._slab[: 2 * record]) == first + second and ids._fill[0] == 3 * record
 
 
 @pytest.mark.parametrize("expected", [0, 100_000])
 def test_a_bucket_past_its_slot_goes_on_apart(
     monkeypatch: pytest.MonkeyPatch, expected: int
 ) -> None:
-    """Every id in one bucket (the stand-in digest): the slot fills, the rest spill."""
-
-    class OneBucket:
-        def __init__(self, data: bytes, digest_size: int) -> None:
-            self.data = data
-
-        def digest(self) -> bytes:
-            return b"\0\0" + blake2b(self.data, digest_size=15).digest()
-
+    """Every id in one bucket (a stand-in hash): the slot fills, the rest spill."""
     ids = IdSet(expected)
-    monkeypatch.setattr(_generate, "blake2b", OneBucket)
+    monkeypatch.setattr(_generate, "_hash", lambda key: hash(key) & ~0xFFFF)
     for key in range(100):
         assert ids.add(key, DONE) is None
     assert ids._overflow and len(ids) == 100
     for key in range(100):
         assert ids.put(key, SENT) == DONE and ids.get(key) == SENT
     assert ids.get(100) is None and ids.get("0") is None and len(ids) == 100
+    more = IdSet(expected)  # the same through append (an output's ids)
+    more.append([b"%d" % key for key in range(100)], DONE)
+    assert more._overflow and all(more.get(key) == DONE for key in range(100))
 
 
 def test_ids_of_different_types_are_distinct() -> None:

@@ -1,10 +1,12 @@
 """The ``generate`` job: JSONL prompts in, one JSONL result per prompt out, resumable.
 
-Crash safety comes from how the output is written: each finished request is one
-``write`` of one whole line, flushed at once, so a job killed at any moment (SIGKILL
-included) leaves every finished line on disk and at most one torn last line. On the next
-run that torn tail is cut off, the ids already written are skipped, and nothing is ever
-written twice. Requests in flight when the job died are simply sent again.
+Crash safety comes from how the output is written (``_outputs``): each finished request
+is one ``write`` of one whole line, flushed at once (a compressed output: a chunk of
+lines as one whole gzip member or zstd frame), so a job killed at any moment (SIGKILL
+included) leaves every finished line on disk but those being gathered, and at most one
+torn last line (member). On the next run that torn tail is cut off, the ids already
+written are skipped, and nothing is ever written twice. Requests in flight when the job
+died are simply sent again.
 
 One job writes an output at a time: ``prepare`` takes an exclusive ``flock`` on the
 output file itself before it reads it, and holds it until the job ends, so a second job
@@ -17,22 +19,29 @@ Input lines are hostile until parsed: anything wrong with one (not JSON, nested 
 parser's recursion limit, a missing prompt) makes it a malformed line, reported and
 skipped. A lone surrogate (``"\\ud800"``) is a valid JSON string but not valid UTF-8: a
 record holding one is written with ``\\u`` escapes, which read back as the same string.
+The input may be gzip, zstd or Parquet (``_inputs``), the prompt under another name
+(``Fields``), and the job one shard of several (``_shards``).
 
 Memory does not hold the ids themselves. ``prepare`` reads the output (the ids done),
 then the input, once each, before any server starts, and plans the run: an ``IdSet``
-remembers each id as a 136-bit BLAKE2b digest and a state byte (done, to send, sent), 16
-bytes, in slots of one ``bytearray`` sized from the files' line counts; and a bitmap of
-input line numbers (a bit a line) marks the lines to send. The run parses only those
-lines; a done line is skipped on its bit alone, and a job with nothing left to send
-starts no server at all. That is about 18 bytes per distinct id with the slots' slack,
-and a bit per line: peak memory 228 MiB for a job of 10 million prompts, all told, where
-a ``set`` of the ids' JSON text took ~100 bytes an id (~1 GiB).
+remembers each id as a 96-bit digest and a state byte (done, to send, sent), 11 bytes,
+in slots of one ``bytearray`` sized from the input's lines; and a bitmap of input line
+numbers (a bit a line) marks the lines to send. The run parses only those lines; a done
+line is skipped on its bit alone, and a job with nothing left to send starts no server
+at all. That is about 13 bytes per distinct id with the slots' slack, and a bit per
+line, where a ``set`` of the ids' JSON text took ~100 bytes an id (~1 GiB at 10 million).
+
+Both files are read a block of lines at a time (``_scan``): the ids are read from the
+lines' starts by one regular expression per block, a line whose id is done is skipped on
+that id alone, and only the others are checked in full: a resume gets through ~340,000
+lines a second (1 million done lines, output and input, in 3 s, start-up included).
 
 Digests are not confirmed against the ids: two different ids could in principle collide,
 and the second be taken for the first (skipped as done, or reported as a duplicate).
-With 136 bits, the chance that any two of n ids collide is below n² / 2¹³⁷: about 10⁻²⁷
-for n = 10⁷, far below the chance of a memory error flipping the same bit. Ids are
-digested in a form that keeps ``1``, ``"1"`` and ``true`` apart, as their JSON text did.
+With 96 bits (a keyed 64-bit SipHash and a CRC-32), the chance that any two of n ids
+collide is below n² / 2⁹⁷: about 10⁻¹⁵ for n = 10⁷, far below the chance of a memory
+error flipping the same bit. Ids are digested in a form that keeps ``1``, ``"1"`` and
+``true`` apart, as their JSON text did.
 """
 
 from __future__ import annotations
@@ -44,12 +53,14 @@ import logging
 import math
 import os
 import reprlib
+import struct
 import time
+import zlib
 from array import array
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from hashlib import blake2b
+from functools import partial
 from json.scanner import make_scanner
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -59,12 +70,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._client import CHAT_PATH, COMPLETIONS_PATH
 from ._errors import ConfigError, RequestError
+from ._inputs import Fields, blocks, compression, count_lines, is_parquet, parquet_rows
 from ._metrics import Metrics, MetricsSnapshot
+from ._outputs import FrameWriter, LineWriter, raw_key, scan_results
+from ._outputs import _line as _line  # (re-exported: the tests read lines as it writes)
+from ._outputs import _load_result as _load_result
 from ._redact import Redactor
 from ._responses import Completion
+from ._scan import InputShape, input_keys, line_key
+from ._shards import Shard
 
 __all__ = [
     "Counts",
+    "Fields",
     "IdSet",
     "Job",
     "NoServer",
@@ -98,13 +116,15 @@ class Prompt:
 class Counts:
     """What the job did, for progress and the summary.
 
-    ``total`` is the number of non-blank input lines when the job started; ``read`` the
-    number it has read. Fewer read than there were once the job is through means the
-    input shrank under it (``input_shrank``).
+    ``lines`` is the number of non-blank input lines when the job started, ``total``
+    those this job owns (all of them, or its shard's); ``read`` the number of lines it
+    has read. Fewer read than there were once the job is through means the input shrank
+    under it (``input_shrank``).
     """
 
     total: int = 0
     read: int = 0
+    lines: int = 0
     skipped: int = 0
     malformed: int = 0
     succeeded: int = 0
@@ -120,7 +140,7 @@ class Counts:
     @property
     def input_shrank(self) -> bool:
         """Fewer lines read than the input had at the start (valid once all are read)."""
-        return self.read < self.total
+        return self.read < max(self.lines, self.total)
 
     @property
     def errors(self) -> int:
@@ -162,24 +182,39 @@ class Job:
     concurrency: int = 64
     params: dict[str, Any] = field(default_factory=dict)
     redact: Redactor = field(default_factory=Redactor)
+    fields: Fields = field(default_factory=Fields)
+    shard: Shard | None = None
 
 
 #: An id's state in an ``IdSet``: in the output already, to be sent by this run, sent.
 DONE, PENDING, SENT = 1, 2, 3
 BUCKETS = 1 << 16
-#: A digest's bytes: 2 pick the bucket, the other 15 are kept, with the state's byte.
-DIGEST, RECORD = 17, 16
+#: A digest's 12 bytes: 2 pick the bucket, the other 10 are kept, with the state's byte.
+RECORD = 11
+#: The digest: ``_hash(key)`` (64 bits) and ``_crc(key)`` (32); the tests put others here.
+_hash = hash
+_crc = zlib.crc32
+_PACK = struct.Struct("<qI").pack
 _scan = make_scanner(cast(Any, json.JSONDecoder()))  # typeshed: "context" is a ducktype
+FIELDS = Fields()
+#: The run reads the input this many bytes at a time (the plan: 4 MiB).
+RUN_READ = 1 << 16
+#: The bytes read at each end of a plain input to estimate its lines.
+SAMPLE = 1 << 22
 
 
 class IdSet:
-    """Ids, each with a state (``DONE``, ``PENDING``, ``SENT``), in 16 bytes apiece.
+    """Ids, each with a state (``DONE``, ``PENDING``, ``SENT``), in 11 bytes apiece.
 
-    An id is kept as its 17-byte BLAKE2b digest: 2 bytes pick one of 65,536 buckets,
-    which holds the other 15 and a byte for the state: 136 bits compared in all (see the
-    module's docstring for what a collision would mean, and how unlikely it is). A
-    bucket is searched with ``bytearray.find`` (C: a few hundred nanoseconds for the
-    ~2.5 KiB a bucket holds at 10 million ids).
+    An id's key (``raw_key``: its digits, or its string's UTF-8 in quotes) is kept as a
+    96-bit digest: its 64-bit SipHash (Python's own ``hash``, under the interpreter's
+    random key: no input can be made to collide with another on purpose; the set lives
+    in one process, so that key changing from run to run costs nothing) and its CRC-32.
+    16 of the bits pick one of 65,536 buckets, which holds the other 80 and a byte for
+    the state (see the module's docstring for what a collision would mean, and how
+    unlikely it is). A bucket is searched with ``bytearray.find`` (C: a few hundred
+    nanoseconds for the ~1.7 KiB a bucket holds at 10 million ids). Two hashes in C
+    and no digest object: ~0.2 µs an id, where BLAKE2b took 0.35.
 
     The buckets are slots of one ``bytearray``, sized at the start for ``expected`` ids
     (a tenth more and a bit, as buckets fill unevenly): a bytearray a bucket, grown as
@@ -216,21 +251,82 @@ class IdSet:
         An id no input line can hold (a ``true``, a float, a list: in an output only) is
         not kept: it could never match. ``1``, ``"1"`` and ``true`` stay apart.
         """
-        if isinstance(key, str):
-            raw = b"s" + key.encode("utf-8", "surrogatepass")
-        elif isinstance(key, int) and not isinstance(key, bool):
-            raw = b"i%d" % key
-        else:
+        raw = raw_key(key)
+        if raw is None:
             return None
-        digest = blake2b(raw, digest_size=DIGEST).digest()
-        bucket = digest[0] | digest[1] << 8
-        needle = digest[2:]
-        start = bucket * self._width
-        end = start + self._fill[bucket]
-        full = end == start + self._width
-        found, at = self._slab, self._slab.find(needle, start, end)
+        return self.put_many([raw], state, replace=replace)[0]
+
+    def put_many(
+        self, keys: list[bytes], state: int | None, *, replace: bool = True
+    ) -> list[int | None]:
+        """``put`` for each id's key (``raw_key``), in order: their states before.
+
+        The loop is written for speed (a resume puts millions): an id found where it
+        belongs costs two hashes, a ``find`` and a few operations."""
+        slab, fill, width = self._slab, self._fill, self._width
+        hasher, crc, pack = _hash, _crc, _PACK
+        befores: list[int | None] = []
+        answer = befores.append
+        change = state is not None and replace
+        last = RECORD - 1
+        added = 0
+        for key in keys:
+            first = hasher(key)
+            needle = pack(first, crc(key))[2:]
+            bucket = first & 0xFFFF
+            start = bucket * width
+            used = fill[bucket]
+            at = slab.find(needle, start, start + used)
+            if at >= 0 and not (at - start) % RECORD:
+                answer(slab[at + last])
+                if change:
+                    slab[at + last] = cast(int, state)
+            elif at < 0 and used != width:  # not here, and its slot has room
+                answer(None)
+                if state is not None:
+                    end = start + used
+                    slab[end : end + last] = needle
+                    slab[end + last] = state
+                    fill[bucket] = used + RECORD
+                    added += 1
+            else:
+                answer(self._rest(bucket, needle, state, replace))
+        self._len += added
+        return befores
+
+    def append(self, keys: list[bytes], state: int) -> None:
+        """Add each key with ``state`` without looking for it first: for the ids of an
+        output, read before anything else is added, and never given another state for
+        good (the run sets a done id back to ``DONE`` at once). A key written twice is
+        then kept twice, both ``DONE``: harmless, and it saves a search an id."""
+        slab, fill, width = self._slab, self._fill, self._width
+        hasher, crc, pack = _hash, _crc, _PACK
+        last = RECORD - 1
+        added = 0
+        for key in keys:
+            first = hasher(key)
+            needle = pack(first, crc(key))[2:]
+            bucket = first & 0xFFFF
+            used = fill[bucket]
+            if used != width:
+                end = bucket * width + used
+                slab[end : end + last] = needle
+                slab[end + last] = state
+                fill[bucket] = used + RECORD
+                added += 1
+            else:
+                self._rest(bucket, needle, state, False)
+        self._len += added
+
+    def _rest(self, bucket: int, needle: bytes, state: int | None, replace: bool) -> int | None:
+        """``put_many`` for an id not found at once in its bucket's slot."""
+        slab, width, fill = self._slab, self._width, self._fill
+        start = bucket * width
+        end = start + fill[bucket]
+        full = end == start + width
+        found, at = slab, slab.find(needle, start, end)
         while at >= 0 and (at - start) % RECORD:  # a match across two records: not one
-            at = found.find(needle, at + 1, end)
+            at = slab.find(needle, at + 1, end)
         if at < 0 and full and bucket in self._overflow:
             found = self._overflow[bucket]
             at = found.find(needle)
@@ -244,9 +340,9 @@ class IdSet:
         if state is None:
             return None
         if not full:
-            self._slab[end : end + RECORD - 1] = needle
-            self._slab[end + RECORD - 1] = state
-            self._fill[bucket] += RECORD
+            slab[end : end + RECORD - 1] = needle
+            slab[end + RECORD - 1] = state
+            fill[bucket] += RECORD
         else:
             spill = self._overflow.setdefault(bucket, bytearray())
             spill += needle
@@ -255,49 +351,23 @@ class IdSet:
         return None
 
 
-def _load_result(raw: bytes) -> Any:
-    """``json.loads(raw)`` for an output line: the same value or the same error, in a
-    third of the time (the scanner straight, when the line is one value and whitespace;
-    ``json.loads`` itself otherwise, to say what is wrong)."""
-    if raw.startswith(b'{"'):  # what json.loads detects as UTF-8
-        text = raw.decode("utf-8", "surrogatepass")
-        try:
-            value, end = _scan(text, 0)
-        except StopIteration:
-            return json.loads(raw)
-        if end == len(text) or not text[end:].strip(" \t\n\r"):
-            return value
-    return json.loads(raw)
-
-
 def resume(output: Path, ids: IdSet | None = None) -> IdSet:
-    """The ids already in ``output``, put in ``ids`` as ``DONE``; a torn last line is
-    cut off.
+    """The ids already in ``output``, put in ``ids`` as ``DONE``; a torn tail (a last
+    line, or a compressed output's last member, cut short) is cut off.
 
     Any other invalid line means the file is not ours (or two jobs wrote it): refuse.
     """
     ids = IdSet() if ids is None else ids
     if not output.exists():
         return ids
-    good_end = 0
-    with output.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            try:
-                record = _load_result(raw) if raw.endswith(b"\n") else None
-            except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8
-                record = None
-            if not isinstance(record, dict) or "id" not in record:
-                if file.read(1):  # not the last line: not a torn tail
-                    raise ConfigError(
-                        f"{output}:{number} is not a result line of servescope generate "
-                        f"({raw[:EXCERPT]!r}); refusing to append to this file"
-                    )
-                break
-            ids.put(record["id"], DONE, replace=False)
-            good_end += len(raw)
-    if good_end != output.stat().st_size:
+
+    def done(keys: list[bytes]) -> None:
+        ids.append(keys, DONE)
+
+    good, size = scan_results(output, done)
+    if good != size:
         with output.open("r+b") as file:
-            file.truncate(good_end)
+            file.truncate(good)
     return ids
 
 
@@ -319,101 +389,77 @@ def _record(text: str) -> dict[str, Any]:
     return record
 
 
-def _check(record: dict[str, Any]) -> str | int | None:
+def _check(record: dict[str, Any], fields: Fields = FIELDS) -> str | int | None:
     """The record's id (``None``: none given) if it is a valid prompt, else ``ValueError``."""
     key = record.get("id")
-    messages = record.get("messages")
-    prompt = record.get("prompt")
+    messages = record.get(fields.messages)
+    prompt = record.get(fields.prompt)
     if key is not None and (not isinstance(key, str | int) or isinstance(key, bool)):
         raise ValueError(f"'id' must be a string or an integer, got {reprlib.repr(key)}")
     if (messages is None) == (prompt is None):
-        raise ValueError("needs exactly one of 'messages' (a list) or 'prompt' (a string)")
+        raise ValueError(
+            f"needs exactly one of {fields.messages!r} (a list) or {fields.prompt!r} (a string)"
+        )
     if messages is not None and (
         not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)
     ):
-        raise ValueError("'messages' must be a list of objects")
+        raise ValueError(f"{fields.messages!r} must be a list of objects")
     if prompt is not None and not isinstance(prompt, str):
-        raise ValueError("'prompt' must be a string")
+        raise ValueError(f"{fields.prompt!r} must be a string")
     return key
 
 
-def _parse(line: int, text: str) -> Prompt:
+def _parse(line: int, text: str, fields: Fields = FIELDS) -> Prompt:
     """One input line into a ``Prompt``; ``ValueError`` says what is wrong."""
-    record = _record(text)
-    key = _check(record)
+    return _prompt(line, _record(text), fields)
+
+
+def _prompt(line: int, record: dict[str, Any], fields: Fields = FIELDS) -> Prompt:
+    """One input record (a line's object, a Parquet row) into a ``Prompt``."""
+    key = _check(record, fields)
     params = dict(record)
-    for name in ("id", "messages", "prompt"):
+    for name in ("id", fields.messages, fields.prompt):
         params.pop(name, None)
     return Prompt(
         line,
         line if key is None else key,
-        record.get("messages"),
-        record.get("prompt"),
+        record.get(fields.messages),
+        record.get(fields.prompt),
         params,
         key is None,
     )
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    """``record`` as one line of UTF-8 JSON.
-
-    Non-ASCII text is written as itself; a string holding a lone surrogate (from a
-    ``"\\ud800"`` escape in an input id or a server's reply) has no UTF-8 form, so that
-    record is written with ``\\u`` escapes instead, which read back as the same string.
-    """
-    try:
-        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    except UnicodeEncodeError:
-        return (json.dumps(record) + "\n").encode()
-
-
-class _Writer:
-    """Whole lines, one write and one flush each: never a torn line but the very last.
-
-    Either to ``file``, already open (the results, appended), or to ``path``, opened
-    afresh at the first line (this run's malformed lines: no empty errors file).
-    """
-
-    def __init__(self, path: Path, file: IO[bytes] | None = None) -> None:
-        self.path = path
-        self.file = file
-        self.owned = file is None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is None:
-            self.file = self.path.open("wb")
-        self.file.write(_line(record))
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.owned and self.file is not None:
-            self.file.close()
 
 
 @dataclass
 class Prepared:
     """What ``prepare`` found and planned, before any server starts.
 
-    ``total``: the input's non-blank lines; ``ids``: the ids done (in the output) and to
-    send; ``send``: a bitmap of the input line numbers to send (``left`` of them);
-    ``skipped`` and ``malformed``: the lines already done, and those that are not valid
-    prompts or repeat an id (in the errors file already). ``output`` is open for
-    appending and locked; ``errors`` writes the errors file.
+    ``lines``: the input's non-blank lines; ``total``: those this job (its shard) owns;
+    ``ids``: the ids done (in the output) and to send; ``send``: a bitmap of the input
+    line numbers to send (``left`` of them); ``skipped`` and ``malformed``: the lines
+    already done, and those that are not valid prompts or repeat an id (in the errors
+    file already). ``output`` is open for appending and locked; ``errors`` writes the
+    errors file.
     """
 
     total: int
     ids: IdSet
     output: IO[bytes]
-    errors: _Writer
+    errors: LineWriter
     send: bytearray = field(default_factory=bytearray)
     left: int = 0
     skipped: int = 0
     malformed: int = 0
+    lines: int = 0
 
     def counts(self) -> Counts:
         """The job's counts as planned: every line read, the done ones skipped."""
         return Counts(
-            total=self.total, read=self.total, skipped=self.skipped, malformed=self.malformed
+            total=self.total,
+            read=self.lines,
+            skipped=self.skipped,
+            malformed=self.malformed,
+            lines=self.lines,
         )
 
     def to_send(self, line: int) -> bool:
@@ -439,15 +485,43 @@ def prepare(job: Job) -> Iterator[Prepared]:
         raise ConfigError(f"input file {str(job.input)!r} does not exist")
     _check_writable(job.output, "output")
     _check_writable(job.errors, "errors file")
+    existed = job.output.exists()
     with _locked_output(job.output) as output:
-        errors = _Writer(job.errors)
+        errors = LineWriter(job.errors)
         try:
-            expected = max(_newlines(job.input), _newlines(job.output))  # the ids, about
-            prepared = Prepared(0, resume(job.output, IdSet(expected)), output, errors)
-            _plan(job, prepared)
+            try:
+                expected = _expected(job)
+                prepared = Prepared(0, resume(job.output, IdSet(expected)), output, errors)
+                _plan(job, prepared)
+            except BaseException:  # a bad input (or Ctrl-C): no empty output left behind
+                if not existed and job.output.stat().st_size == 0:
+                    job.output.unlink()
+                raise
             yield prepared
         finally:
             errors.close()
+
+
+def _expected(job: Job) -> int:
+    """About how many ids the job keeps: its input's lines (its shard's share). A plain
+    input's are estimated from its size and its first and last 4 MiB (a count would read
+    it all once more); an estimate short of the truth costs a little speed, not ids."""
+    if compression(job.input) is not None or is_parquet(job.input):
+        lines = count_lines(job.input)
+    else:
+        size = job.input.stat().st_size
+        with job.input.open("rb") as file:
+            sample = file.read(SAMPLE)
+            if size > 2 * SAMPLE:
+                file.seek(size - SAMPLE)
+                sample += file.read(SAMPLE)
+        lines = sample.count(b"\n")
+        if len(sample) < size:
+            lines = size * lines // max(len(sample), 1)
+    if job.shard is not None:
+        share = lines / job.shard.count
+        lines = int(share + 4 * math.sqrt(share) + 16)
+    return lines
 
 
 def _newlines(path: Path) -> int:
@@ -456,7 +530,7 @@ def _newlines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
 
 
-def _malformed(job: Job, errors: _Writer, number: int, message: str, text: str | None) -> None:
+def _malformed(job: Job, errors: LineWriter, number: int, message: str, text: str | None) -> None:
     logger.warning("%s:%d: %s (skipped)", job.input, number, message)
     record: dict[str, Any] = {"line": number, "error": message}
     if text is not None:
@@ -464,33 +538,164 @@ def _malformed(job: Job, errors: _Writer, number: int, message: str, text: str |
     errors.write(record)
 
 
-def _plan(job: Job, prepared: Prepared) -> None:
-    """Read the input once: count its lines, report the bad ones, mark the ones to send
-    (an id neither done nor on an earlier line) and put their ids in as ``PENDING``."""
-    ids = prepared.ids
-    with job.input.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            if not raw.strip():
+def _key_object(raw: bytes) -> str | int:
+    """An ``IdSet`` key back as the id (for a message)."""
+    if raw[:1] == b'"':
+        return raw[1:-1].decode("utf-8", "surrogatepass")
+    return int(raw)
+
+
+#: A line (or row) to check before it counts, or ``None``: checked already.
+Item = bytes | None
+
+
+class _Planner:
+    """Takes the input's lines as numbered ids, a batch at a time: the done ones are
+    skipped on their id, the others checked, then marked to send or reported."""
+
+    def __init__(
+        self,
+        job: Job,
+        prepared: Prepared,
+        report: Callable[[int, str, str | None], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.prepared = prepared
+        self.report = report or partial(_malformed, job, prepared.errors)
+        self.shape = InputShape(job.fields.prompt, job.fields.messages)
+        self.numbers: list[int] = []
+        self.keys: list[bytes] = []
+        self.items: list[Item] = []
+
+    def malformed(self, number: int, message: str, text: str | None) -> None:
+        """A line with no id to go by: reported by one shard, by its line number."""
+        self.flush()  # the lines before it first: the errors file in line order
+        self.prepared.lines += 1
+        shard = self.job.shard
+        if shard is None or shard.owns_line(number):
+            self.prepared.total += 1
+            self.prepared.malformed += 1
+            self.report(number, message, text)
+
+    def add(self, number: int, key: bytes, item: Item) -> None:
+        self.numbers.append(number)
+        self.keys.append(key)
+        self.items.append(item)
+        if len(self.keys) >= 8192:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.keys:
+            items = self.items
+            self.take(self.numbers, self.keys, items.__getitem__)
+            self.numbers, self.keys, self.items = [], [], []
+
+    def problem(self, item: Item) -> tuple[str, str] | None:
+        """What is wrong with a line, and its text; ``None``: a valid prompt."""
+        if item is None or self.shape.valid(item):
+            return None
+        text = item.decode("utf-8", errors="replace")
+        try:
+            _check(_record(text), self.job.fields)
+        except ValueError as exc:
+            return str(exc), text
+        return None
+
+    def take(self, numbers: Sequence[int], keys: list[bytes], item: Callable[[int], Item]) -> None:
+        """Lines ``numbers`` hold the ids ``keys`` (``item(i)``: the i-th line, to check):
+        skip those done, mark those to send (an id neither done nor on an earlier line,
+        put in as ``PENDING``), report the others."""
+        prepared = self.prepared
+        prepared.lines += len(keys)
+        shard = self.job.shard
+        places: Sequence[int] = range(len(keys))
+        mine = keys
+        if shard is not None:
+            places = [i for i, key in enumerate(keys) if shard.owns(key)]
+            mine = [keys[i] for i in places]
+        prepared.total += len(places)
+        states = prepared.ids.put_many(mine, None)
+        done = states.count(DONE)
+        prepared.skipped += done
+        if done == len(states):  # the usual case of a resumed job
+            return
+        valid: list[int] = []
+        reports: list[tuple[int, str, str | None]] = []
+        for place, state in zip(places, states, strict=True):
+            if state == DONE:
                 continue
-            prepared.total += 1
-            text = raw.decode("utf-8", errors="replace")
-            try:
-                key = _check(_record(text))
-            except ValueError as exc:
-                prepared.malformed += 1
-                _malformed(job, prepared.errors, number, str(exc), text)
-                continue
-            key = number if key is None else key
-            state = ids.put(key, PENDING, replace=False)
+            problem = self.problem(item(place))
+            if problem is None:
+                valid.append(place)
+            else:
+                reports.append((numbers[place], *problem))
+        states = prepared.ids.put_many([keys[i] for i in valid], PENDING, replace=False)
+        for place, state in zip(valid, states, strict=True):
             if state is None:
                 prepared.left += 1
-                prepared.mark(number)
-            elif state == DONE:
-                prepared.skipped += 1
+                prepared.mark(numbers[place])
             else:
-                prepared.malformed += 1
-                message = f"duplicate id {key!r} (already on an earlier line)"
-                _malformed(job, prepared.errors, number, message, None)
+                message = f"duplicate id {_key_object(keys[place])!r} (already on an earlier line)"
+                reports.append((numbers[place], message, None))
+        prepared.malformed += len(reports)
+        for number, message, text in sorted(reports, key=lambda report: report[0]):
+            self.report(number, message, text)
+
+
+def _plan(
+    job: Job,
+    prepared: Prepared,
+    report: Callable[[int, str, str | None], None] | None = None,
+) -> None:
+    """Read the input once: count its lines, report the bad ones, mark the ones to send
+    (an id neither done nor on an earlier line) and put their ids in as ``PENDING``.
+
+    A block of lines whose ids ``_scan`` reads is taken in one go; the lines of any other
+    block one by one (parsed in full if their id cannot be read from their start).
+    """
+    planner = _Planner(job, prepared, report)
+    if is_parquet(job.input):
+        for number, row in parquet_rows(job.input, job.fields):
+            try:
+                key = _check(row, job.fields)
+            except ValueError as exc:
+                planner.malformed(number, str(exc), reprlib.repr(row))
+                continue
+            raw = raw_key(number if key is None else key)
+            assert raw is not None
+            planner.add(number, raw, None)
+        planner.flush()
+        return
+    for first, block in blocks(job.input):
+        keys = input_keys(block, first)
+        if keys is not None:
+            planner.flush()
+            rows: list[bytes] = []
+
+            def line(i: int, block: bytes = block, rows: list[bytes] = rows) -> Item:
+                if not rows:
+                    rows += block.split(b"\n")
+                return rows[i]
+
+            planner.take(range(first, first + len(keys)), keys, line)
+            continue
+        for number, raw in enumerate(block.split(b"\n")[:-1], first):
+            if not raw.strip():
+                continue
+            found = line_key(raw, number)
+            if found is not None:
+                planner.add(number, found, raw)
+                continue
+            text = raw.decode("utf-8", errors="replace")
+            try:
+                key = _check(_record(text), job.fields)
+            except ValueError as exc:
+                planner.malformed(number, str(exc), text)
+                continue
+            raw_id = raw_key(number if key is None else key)
+            assert raw_id is not None
+            planner.add(number, raw_id, None)
+    planner.flush()
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -565,6 +770,17 @@ class NoServer:
         return Metrics().snapshot(0)
 
 
+def _records(job: Job) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
+    """The input's non-blank lines (rows) with their numbers, as read."""
+    if is_parquet(job.input):
+        yield from parquet_rows(job.input, job.fields)
+        return
+    for first, block in blocks(job.input, RUN_READ):
+        for number, raw in enumerate(block.split(b"\n")[:-1], first):
+            if raw.strip():
+                yield number, raw
+
+
 async def run_job(
     server: Serving, job: Job, prepared: Prepared, progress: Progress, counts: Counts
 ) -> None:
@@ -578,7 +794,12 @@ async def run_job(
     """
     ids = prepared.ids
     send, receive = anyio.create_memory_object_stream[Prompt](job.concurrency)
-    writer = _Writer(job.output, prepared.output)
+    kind = compression(job.output)
+    writer: LineWriter | FrameWriter = (
+        LineWriter(job.output, prepared.output)
+        if kind is None
+        else FrameWriter(prepared.output, kind)
+    )
     counts.read = 0
     progress.update(counts)
     try:
@@ -587,34 +808,37 @@ async def run_job(
                 tg.start_soon(_worker, server, job, receive.clone(), writer, counts, progress)
             receive.close()
             async with send:
-                with job.input.open("rb") as file:
-                    for number, raw in enumerate(file, 1):
-                        if not raw.strip():
-                            continue
-                        counts.read += 1
-                        if not prepared.to_send(number):
-                            continue
-                        text = raw.decode("utf-8", errors="replace")
-                        try:
-                            parsed = _parse(number, text)
-                        except ValueError as exc:
-                            counts.malformed += 1
-                            _malformed(job, prepared.errors, number, str(exc), text)
-                            progress.update(counts)
-                            continue
-                        state = ids.put(parsed.id, SENT)
-                        if state == DONE:
-                            ids.put(parsed.id, DONE)
-                            counts.skipped += 1
-                            progress.update(counts)
-                            continue
-                        if state == SENT:
-                            counts.malformed += 1
-                            message = f"duplicate id {parsed.id!r} (already on an earlier line)"
-                            _malformed(job, prepared.errors, number, message, None)
-                            progress.update(counts)
-                            continue
-                        await send.send(parsed)
+                for number, item in _records(job):
+                    counts.read += 1
+                    if not prepared.to_send(number):
+                        continue
+                    text = (
+                        item.decode("utf-8", errors="replace") if isinstance(item, bytes) else None
+                    )
+                    try:
+                        if text is not None:
+                            parsed = _parse(number, text, job.fields)
+                        else:
+                            assert isinstance(item, dict)
+                            parsed = _prompt(number, item, job.fields)
+                    except ValueError as exc:
+                        counts.malformed += 1
+                        _malformed(job, prepared.errors, number, str(exc), text)
+                        progress.update(counts)
+                        continue
+                    state = ids.put(parsed.id, SENT)
+                    if state == DONE:
+                        ids.put(parsed.id, DONE)
+                        counts.skipped += 1
+                        progress.update(counts)
+                        continue
+                    if state == SENT:
+                        counts.malformed += 1
+                        message = f"duplicate id {parsed.id!r} (already on an earlier line)"
+                        _malformed(job, prepared.errors, number, message, None)
+                        progress.update(counts)
+                        continue
+                    await send.send(parsed)
     finally:
         writer.close()
 
@@ -623,7 +847,7 @@ async def _worker(
     server: Serving,
     job: Job,
     prompts: MemoryObjectReceiveStream[Prompt],
-    writer: _Writer,
+    writer: LineWriter | FrameWriter,
     counts: Counts,
     progress: Progress,
 ) -> None:

@@ -1,4 +1,5 @@
-"""The ``servescope`` command: ``generate`` (JSONL in, JSONL out) and ``serve``.
+"""The ``servescope`` command: ``generate`` (JSONL in, JSONL out), ``merge`` (a sharded
+``generate``'s results put together and checked), ``serve`` and ``route``.
 
 Both open the configured server (``--config FILE`` in TOML or JSON, flags on top, the
 built-in dummy backend by default) under servescope's supervision. Ctrl-C (SIGINT) or
@@ -58,6 +59,7 @@ from ._errors import ConfigError, ServeError, ServerError
 from ._front import open_front
 from ._frontconfig import FRONT_KEYS, FrontConfig
 from ._generate import Counts, Job, Progress, prepare, run_job
+from ._inputs import Fields
 from ._loadconfig import BACKENDS, load_pool_config, read_config_file
 from ._multinode import plan_nodes
 from ._pool import Pool, open_pool
@@ -65,6 +67,7 @@ from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
 from ._register import keep_registered
 from ._server import Server, WorkerNode, open_server
+from ._shards import parse_shard, shard_path
 from .backends._base import EngineConfig
 from .backends.endpoint import url_problem
 
@@ -117,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a progress bar on a terminal, else a log line every --progress-interval s",
     )
     generate.add_argument("--progress-interval", type=float, default=10.0)
+    data = generate.add_argument_group("input and shards")
+    _field_flags(data)
+    data.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run shard K of N (0 <= K < N): the input lines whose id hashes to K, into "
+        "OUTPUT with .shard-K-of-N before its extensions; 'auto': K and N from "
+        "SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN) and SLURM_ARRAY_TASK_COUNT",
+    )
     serve = commands.add_parser("serve", help="start the server, print its URL, keep it up")
     concurrency = {
         generate: GENERATE_CONCURRENCY,
@@ -176,7 +188,36 @@ def _parser() -> argparse.ArgumentParser:
         help="the address the front reaches this server at (default: the server's own)",
     )
     _route_parser(commands)
+    merge = commands.add_parser(
+        "merge",
+        help="put a sharded generate job's results together, checking they cover the input",
+        description="Check that the shards' results files (OUTPUT with .shard-K-of-N before "
+        "its extensions) hold exactly one result for every valid input line and nothing "
+        "else, then write them to OUTPUT (and their errors files to OUTPUT.errors).",
+    )
+    merge.add_argument("input", type=Path, help="the input the shards were run on")
+    merge.add_argument("-o", "--output", type=Path, required=True, help="as given to generate")
+    merge.add_argument(
+        "--shards", type=int, metavar="N", help="the shard count (default: from the files)"
+    )
+    _field_flags(merge)
+    merge.add_argument("--log-level", default="WARNING", help="servescope's log level")
     return parser
+
+
+def _field_flags(parser: Any) -> None:
+    parser.add_argument(
+        "--prompt-field",
+        default="prompt",
+        metavar="NAME",
+        help="the field (or Parquet column) holding a prompt string (default: prompt)",
+    )
+    parser.add_argument(
+        "--messages-field",
+        default="messages",
+        metavar="NAME",
+        help="the field (or Parquet column) holding chat messages (default: messages)",
+    )
 
 
 def _route_parser(commands: Any) -> None:
@@ -370,14 +411,21 @@ def _job(
         for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
         if value is not None
     }
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    output = args.output if shard is None else shard_path(args.output, shard)
+    errors = args.errors or output.with_name(output.name + ".errors")
+    if shard is not None and args.errors:
+        errors = shard_path(errors, shard)
     return Job(
         input=args.input,
-        output=args.output,
-        errors=args.errors or args.output.with_name(args.output.name + ".errors"),
+        output=output,
+        errors=errors,
         # --concurrency is per server: a pool of N keeps N times as many in flight.
         concurrency=config.max_concurrency * (pool.replicas if pool is not None else 1),
         params=params,
         redact=redact,
+        fields=Fields(args.prompt_field, args.messages_field),
+        shard=shard,
     )
 
 
@@ -424,10 +472,11 @@ async def _generate(
     with prepare(job) as prepared:  # checks, locks and plans before the server starts
         counts = prepared.counts()
         if prepared.left == 0:  # nothing to send: no server to start
+            of = f" (shard {job.shard})" if job.shard is not None else ""
             console.print(
-                f"servescope generate: nothing left to do in {str(job.input)!r} (0 left of "
-                f"{counts.total} lines: {counts.skipped} done, {counts.malformed} malformed); "
-                "no server started"
+                f"servescope generate: nothing left to do in {str(job.input)!r}{of} (0 left "
+                f"of {counts.total} lines: {counts.skipped} done, {counts.malformed} "
+                "malformed); no server started"
             )
             from ._generate import NoServer  # (cli.py's imports are shared)
 
@@ -674,6 +723,26 @@ class _RedactLogs(logging.Filter):
 _FAST_LOOP = {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
+def _merge(args: argparse.Namespace, console: Console) -> int:
+    from ._merge import find_shards, merge  # (only this command needs it)
+
+    count = args.shards if args.shards is not None else find_shards(args.output)
+    if count < 1:
+        raise ConfigError(f"--shards must be at least 1, got {count}")
+    fields = Fields(args.prompt_field, args.messages_field)
+    merged = merge(args.input, args.output, count, fields)
+    written = " and ".join(repr(str(path)) for path in merged.files)
+    console.print(
+        f"servescope merge: {count} shards cover {str(args.input)!r} exactly once: "
+        f"{merged.results} results ({merged.malformed} malformed input lines) written to "
+        f"{written}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
 def _main_route(args: argparse.Namespace, console: Console, logs: _RedactLogs) -> int:
     logs.redact.add([os.environ.get("SERVESCOPE_ADMIN_TOKEN") or "", args.admin_token or ""])
     logs.redact.add([os.environ.get("SERVESCOPE_FRONT_API_KEY") or ""])
@@ -692,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "route":
             code = _main_route(args, console, logs)
+        elif args.command == "merge":
+            code = _merge(args, console)
         else:
             values = _config_values(args)
             redact = logs.redact = _redactor(values)
