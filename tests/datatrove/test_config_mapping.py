@@ -237,11 +237,36 @@ def test_secret_kwargs_are_not_echoed(server_type: str) -> None:
     assert "hf_verysecretvalue" not in str(info.value)
 
 
+TWO_NODES = {"DATATROVE_NODE_IPS": "10.0.0.1,10.0.0.2", "DATATROVE_NODE_RANK": "0"}
+
+
 def test_master_port_and_nodes() -> None:
     refused(r"InferenceConfig\.master_port=1234: it is used only across nodes", master_port=1234)
-    with pytest.raises(servescope.ConfigError, match="DATATROVE_NODE_IPS lists 2 nodes"):
-        map_config(config(), env={"DATATROVE_NODE_IPS": "10.0.0.1,10.0.0.2"})
-    assert map_config(config(), env={"DATATROVE_NODE_IPS": "localhost"}).replicas == 1
+    assert map_config(config(), env={"DATATROVE_NODE_IPS": "localhost"}).config.nodes is None  # type: ignore[attr-defined]
+    for server_type in ("vllm", "sglang"):
+        found = map_config(config(server_type, master_port=1234, tp=2), env=TWO_NODES)
+        assert found.replicas == 1
+        nodes = found.config.nodes  # type: ignore[attr-defined]
+        assert nodes is not None and nodes.master_port == 1234
+        assert nodes.nnodes is None  # the roles: from datatrove's environment, when it runs
+    default = map_config(config(), env=TWO_NODES).config.nodes  # type: ignore[attr-defined]
+    assert default.master_port == 9810
+
+
+@pytest.mark.parametrize("server_type", ["dummy", "custom", "endpoint"])
+def test_only_engines_span_nodes(server_type: str) -> None:
+    with pytest.raises(servescope.ConfigError, match="only vllm and sglang servers span nodes"):
+        map_config(config(server_type), env=TWO_NODES)
+
+
+def test_nodes_settings() -> None:
+    with pytest.raises(servescope.ConfigError, match=r"InferenceConfig\.dp=2: replicas of a"):
+        map_config(config(dp=2), env=TWO_NODES)
+    settings = {"nodes": {"node_ip": "10.0.0.1", "node_timeout": 5, "token": "t0ken-value"}}
+    nodes = map_config(config(), settings, env=TWO_NODES).config.nodes  # type: ignore[attr-defined]
+    assert (nodes.node_ip, nodes.node_timeout, nodes.master_port) == ("10.0.0.1", 5, 9810)
+    with pytest.raises(servescope.ConfigError, match=r"from InferenceConfig\.master_port"):
+        map_config(config(), {"nodes": {"master_port": 1}}, env=TWO_NODES)
 
 
 @pytest.mark.parametrize("server_type", ["dummy", "vllm", "sglang", "custom", "endpoint"])

@@ -25,8 +25,9 @@ Where each field goes (datatrove 0.10.1):
 ``default_generation_params``,
 ``rollouts_per_document``,
 ``max_concurrent_documents``
-``master_port``                  only across nodes, which the drop-in does not run:
-                                 refused unless left at its default
+``master_port``                  across nodes (``DATATROVE_NODE_IPS``, vllm/sglang):
+                                 ``nodes.master_port``, the roles from datatrove's
+                                 environment; on one node, refused unless at its default
 ===============================  =====================================================
 
 A field a backend has no use for (``tp=2`` on the dummy, ``api_key`` on SGLang, a
@@ -154,6 +155,7 @@ _SOURCES = {
     "startup_timeout": "server_start_timeout_sec, server_ready_max_attempts, "
     "server_ready_delay_sec, server_start_max_retries",
     "start_attempts": "server_start_max_retries",
+    "nodes": "master_port and DATATROVE_NODE_IPS",
 }
 
 
@@ -269,13 +271,18 @@ def map_config(
     config: DatatroveConfig,
     settings: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    nodes_known: bool = True,
 ) -> ServerPlan:
     """The servescope server (or pool) for datatrove's ``config``.
 
     ``settings``: more servescope config fields the InferenceConfig has no field for
     (``shutdown_grace``, ``fatal_patterns``, ``health_interval``, ``env``, ...); one the
-    mapping sets itself is refused (set it through its InferenceConfig field). ``env``:
-    the environment datatrove's executors describe the nodes in (default: this one).
+    mapping sets itself is refused (set it through its InferenceConfig field), except
+    ``nodes`` across nodes, whose keys (``node_ip``, ``liveness_port``, ``token``,
+    ``node_timeout``, ...) join the mapped ``master_port``. ``env``: the environment
+    datatrove's executors describe the nodes in (default: this one). ``nodes_known=False``
+    (where the pipeline is built, not run): ``master_port`` is not judged yet.
 
     Raises ``ConfigError`` naming the InferenceConfig field that cannot be mapped.
     """
@@ -299,17 +306,16 @@ def map_config(
     if stype not in BACKENDS:
         raise _refuse("server_type", stype, f"must be one of {', '.join(BACKENDS)}")
     nnodes = _nodes(environ)
-    if nnodes > 1:
+    if nnodes > 1 and stype not in ("vllm", "sglang"):
         raise ConfigError(
-            f"DATATROVE_NODE_IPS lists {nnodes} nodes: the datatrove drop-in runs servers on "
-            "one node; serve one model across nodes with servescope's own multi-node "
-            "servers (VLLMConfig(nodes=NodesConfig()), `servescope serve` on each node)"
+            f"DATATROVE_NODE_IPS lists {nnodes} nodes, but only vllm and sglang servers span "
+            f"nodes (server_type={stype!r}): run it on one node"
         )
-    if _set(config, defaults, "master_port"):
+    if nnodes == 1 and nodes_known and _set(config, defaults, "master_port"):
         raise _refuse(
             "master_port",
             config.master_port,
-            "it is used only across nodes, which the datatrove drop-in does not run; "
+            "it is used only across nodes, and DATATROVE_NODE_IPS lists one; "
             "leave it at its default",
         )
 
@@ -340,6 +346,17 @@ def map_config(
     if stype in ("vllm", "sglang"):
         replicas = sizes["dp"]
         values.update(tp=sizes["tp"], pp=sizes["pp"])
+        if nnodes > 1:
+            if replicas > 1:
+                raise _refuse(
+                    "dp",
+                    replicas,
+                    f"replicas of a server across {nnodes} nodes (DATATROVE_NODE_IPS) are not "
+                    "mapped; give the engine its data parallelism in model_kwargs",
+                )
+            # The roles come from DATATROVE_NODE_RANK / DATATROVE_NODE_IPS (servescope's
+            # _nodes reads them); the engine's rendezvous is on master_port.
+            values["nodes"] = {"master_port": config.master_port}
         if stype == "vllm":
             cls = VLLMConfig
             # datatrove always passes --trust-remote-code (model_kwargs may say otherwise)
@@ -407,14 +424,23 @@ def map_config(
             values["url"] = config.endpoint_url
             if config.api_key is not None:
                 values["api_key"] = config.api_key
-    for key in settings or {}:
+    extra = dict(settings or {})
+    if "nodes" in values and isinstance(extra.get("nodes"), Mapping):
+        nodes = extra.pop("nodes")
+        if "master_port" in nodes:
+            raise ConfigError(
+                "servescope setting nodes.master_port is set from InferenceConfig.master_port: "
+                "set it there"
+            )
+        values["nodes"] = {**values["nodes"], **nodes}
+    for key in extra:
         if key in values or key == "backend":
             source = _SOURCES.get(key, "server_type")
             raise ConfigError(
                 f"servescope setting {excerpt(key)} is set from InferenceConfig.{source}: "
                 "set it there"
             )
-    values.update(settings or {})
+    values.update(extra)
     return ServerPlan(_build(cls, values, sources), replicas)
 
 

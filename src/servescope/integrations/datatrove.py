@@ -32,7 +32,7 @@ from typing import Any
 
 from .._errors import BadRequest, RequestError, ServerClosed
 from .._pool import Pool, open_pool
-from .._server import Server, open_server
+from .._server import Server, WorkerNode, open_server
 from ._datatrove_config import DatatroveConfig, ServerPlan, map_config
 
 try:
@@ -68,7 +68,9 @@ class ServescopeServer:
     ``await server.make_request(payload)`` — backed by a servescope server or pool.
 
     Entering it starts the server (or pool) and returns once the process is spawned;
-    requests wait for readiness by themselves. It must be entered and left in one task
+    requests wait for readiness by themselves. On a worker node of a server across nodes
+    (``DATATROVE_NODE_RANK`` >= 1) it returns ``None`` once the head's scope has ended,
+    as datatrove's servers do there. It must be entered and left in one task
     (datatrove's ``run_async`` does): a failure of the server cancels that task, and
     leaving raises servescope's error.
     """
@@ -87,7 +89,7 @@ class ServescopeServer:
             raise ServerClosed("the server is not running: requests go inside `async with server`")
         return self._target
 
-    async def __aenter__(self) -> ServescopeServer:
+    async def __aenter__(self) -> ServescopeServer | None:
         config = self.plan.config
         async with AsyncExitStack() as stack:
             if self.plan.replicas == 1:
@@ -103,6 +105,17 @@ class ServescopeServer:
                     open_pool(config, replicas=self.plan.replicas)
                 )
             self._stack = stack.pop_all()
+        if isinstance(self._target, WorkerNode):
+            # A worker node sends no requests (datatrove's runner returns at once on
+            # None): it runs its part of the engine until the head's scope has ended.
+            try:
+                await self._target.wait_head_exit()
+            except BaseException as exc:
+                # The caller's `async with` will not leave a context it never entered:
+                # leave it here, raising the scope's own error (a failed head, a lost node).
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            return None
         return self
 
     async def __aexit__(
@@ -159,8 +172,9 @@ class InferenceRunner(_DatatroveRunner):  # type: ignore[misc, unused-ignore]  #
     ) -> None:
         super().__init__(*args, **kwargs)
         self.servescope_settings = dict(servescope_settings or {})
-        # Checked now; mapped again in each task, where the executor has set its env.
-        map_config(self._datatrove_config(), self.servescope_settings, env={})
+        # Checked now; mapped again in each task, where the executor has described the
+        # nodes in the environment.
+        map_config(self._datatrove_config(), self.servescope_settings, env={}, nodes_known=False)
 
     def _datatrove_config(self) -> DatatroveConfig:
         config: DatatroveConfig = self.config
