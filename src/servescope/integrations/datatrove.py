@@ -9,11 +9,14 @@ The runner is datatrove's own (readers, rollouts, checkpoints, writers, stats un
 except where it picks its server (``_init_server``): there the same ``InferenceConfig``
 becomes a servescope config (``_datatrove_config.map_config``: every field mapped, kept
 by the runner, or refused with a ``ConfigError`` naming it) run by ``open_server`` —
-or, with ``dp`` > 1, ``open_pool`` of ``dp`` replicas. So a fatal line, an exit or a
-start-up timeout cancels the task and comes out as servescope's ``ServerStartError`` /
-``ServerCrashed`` (``PoolFailed``), the whole process tree is gone when it does, and
-requests go over servescope's client (keep-alive, retries with jittered backoff that
-hold no slot, classified errors). Needs datatrove (``pip install 'servescope[datatrove]'``).
+or, with ``dp`` > 1, ``open_pool`` of ``dp`` replicas; with several hosts in
+``DATATROVE_NODE_IPS``, servescope's multi-node vLLM / SGLang server (one scope per node,
+tied by its liveness channel: ``SERVESCOPE_NODE_TOKEN`` must be set on every node).
+So a fatal line, an exit or a start-up timeout cancels the task and comes out as
+servescope's ``ServerStartError`` / ``ServerCrashed`` (``PoolFailed``), the whole
+process tree is gone when it does, and requests go over servescope's client
+(keep-alive, retries with jittered backoff that hold no slot, classified errors).
+Needs datatrove (``pip install 'servescope[datatrove]'``).
 
 A request's own failure is datatrove's ``InferenceError``, as datatrove's runner
 expects: a refused request (``BadRequest``) says ``BadRequestError`` (so
