@@ -188,7 +188,8 @@ class Job:
 
 #: An id's state in an ``IdSet``: in the output already, to be sent by this run, sent.
 DONE, PENDING, SENT = 1, 2, 3
-BUCKETS = 1 << 16
+#: Buckets: 65,536, or more as needed to hold no more than ``MEAN`` ids each on average.
+BUCKETS, MEAN = 1 << 16, 64
 #: A digest's 12 bytes: 2 pick the bucket, the other 10 are kept, with the state's byte.
 RECORD = 11
 #: The digest: ``_hash(key)`` (64 bits) and ``_crc(key)`` (32); the tests put others here.
@@ -210,11 +211,13 @@ class IdSet:
     96-bit digest: its 64-bit SipHash (Python's own ``hash``, under the interpreter's
     random key: no input can be made to collide with another on purpose; the set lives
     in one process, so that key changing from run to run costs nothing) and its CRC-32.
-    16 of the bits pick one of 65,536 buckets, which holds the other 80 and a byte for
-    the state (see the module's docstring for what a collision would mean, and how
-    unlikely it is). A bucket is searched with ``bytearray.find`` (C: a few hundred
-    nanoseconds for the ~1.7 KiB a bucket holds at 10 million ids). Two hashes in C
-    and no digest object: ~0.2 µs an id, where BLAKE2b took 0.35.
+    The low bits pick one of 65,536 buckets (more for more than 4 million ids: 64 ids a
+    bucket at most, on average), which holds the other 80 bits (and the bucket's bits
+    past the 16th again) and a byte for the state (see the module's docstring for what a
+    collision would mean, and how unlikely it is). A bucket is searched with
+    ``bytearray.find`` (C: some 100 nanoseconds for the ≤ 0.7 KiB a bucket holds on
+    average). Two hashes in C and no digest object: ~0.2 µs an id, where BLAKE2b took
+    0.35.
 
     The buckets are slots of one ``bytearray``, sized at the start for ``expected`` ids
     (a tenth more and a bit, as buckets fill unevenly): a bytearray a bucket, grown as
@@ -223,10 +226,14 @@ class IdSet:
     """
 
     def __init__(self, expected: int = 0) -> None:
-        mean = expected / BUCKETS
+        buckets = BUCKETS
+        while expected / buckets > MEAN:  # a bucket searched in one go stays short
+            buckets *= 2
+        self._mask = buckets - 1
+        mean = expected / buckets
         self._width = RECORD * math.ceil(mean + 1.3 * math.sqrt(mean) + 2)
-        self._slab = bytearray(self._width * BUCKETS)
-        self._fill = array("I", [0]) * BUCKETS  # bytes used in each bucket's slot
+        self._slab = bytearray(self._width * buckets)
+        self._fill = array("I", [0]) * buckets  # bytes used in each bucket's slot
         self._overflow: dict[int, bytearray] = {}
         self._len = 0
 
@@ -263,7 +270,7 @@ class IdSet:
 
         The loop is written for speed (a resume puts millions): an id found where it
         belongs costs two hashes, a ``find`` and a few operations."""
-        slab, fill, width = self._slab, self._fill, self._width
+        slab, fill, width, mask = self._slab, self._fill, self._width, self._mask
         hasher, crc, pack = _hash, _crc, _PACK
         befores: list[int | None] = []
         answer = befores.append
@@ -273,7 +280,7 @@ class IdSet:
         for key in keys:
             first = hasher(key)
             needle = pack(first, crc(key))[2:]
-            bucket = first & 0xFFFF
+            bucket = first & mask
             start = bucket * width
             used = fill[bucket]
             at = slab.find(needle, start, start + used)
@@ -299,14 +306,14 @@ class IdSet:
         output, read before anything else is added, and never given another state for
         good (the run sets a done id back to ``DONE`` at once). A key written twice is
         then kept twice, both ``DONE``: harmless, and it saves a search an id."""
-        slab, fill, width = self._slab, self._fill, self._width
+        slab, fill, width, mask = self._slab, self._fill, self._width, self._mask
         hasher, crc, pack = _hash, _crc, _PACK
         last = RECORD - 1
         added = 0
         for key in keys:
             first = hasher(key)
             needle = pack(first, crc(key))[2:]
-            bucket = first & 0xFFFF
+            bucket = first & mask
             used = fill[bucket]
             if used != width:
                 end = bucket * width + used
@@ -451,6 +458,7 @@ class Prepared:
     skipped: int = 0
     malformed: int = 0
     lines: int = 0
+    seconds: float = 0.0  # the output read and the input planned in
 
     def counts(self) -> Counts:
         """The job's counts as planned: every line read, the done ones skipped."""
@@ -490,9 +498,11 @@ def prepare(job: Job) -> Iterator[Prepared]:
         errors = LineWriter(job.errors)
         try:
             try:
+                started = time.perf_counter()
                 expected = _expected(job)
                 prepared = Prepared(0, resume(job.output, IdSet(expected)), output, errors)
                 _plan(job, prepared)
+                prepared.seconds = time.perf_counter() - started
             except BaseException:  # a bad input (or Ctrl-C): no empty output left behind
                 if not existed and job.output.stat().st_size == 0:
                     job.output.unlink()

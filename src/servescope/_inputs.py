@@ -34,8 +34,9 @@ __all__ = [
     "parquet_rows",
 ]
 
-#: Compressed bytes read at a time.
-READ = 1 << 20
+#: Compressed bytes read at a time, and fed to a decompressor at a time (what comes out
+#: is at most its compression ratio times more: 64 KiB of JSONL at 100:1 is 6.4 MB).
+READ, FEED = 1 << 20, 1 << 16
 #: Decompressed bytes handed on at a time, about (whole lines: up to the last newline).
 BLOCK = 1 << 22
 GZIP_MAGIC = b"\x1f\x8b"
@@ -123,8 +124,9 @@ def frames(
                 if decoder is not None:
                     raise Truncated(path, name, unit, start)
                 return
+        feed, pending = pending[:FEED], pending[FEED:]  # its output bounded by its size
         if decoder is None:
-            if not magic.startswith(pending[: len(magic)]):
+            if not magic.startswith(feed[: len(magic)]):
                 where = "" if offset == 0 else f" at byte {offset}, after its last whole {unit}"
                 raise ConfigError(
                     f"{path} is not {name} data{where} (its name says {name}; it does not "
@@ -132,7 +134,7 @@ def frames(
                 )
             decoder = _decompressor(kind)
             start = offset
-        fed = pending
+        fed = feed
         try:
             data = decoder.decompress(fed)
         except errors as exc:
@@ -141,12 +143,12 @@ def frames(
                 f"byte {start} ({exc})"
             ) from None
         if decoder.eof:
-            pending = decoder.unused_data
-            offset += len(fed) - len(pending)
+            unused = decoder.unused_data
+            offset += len(fed) - len(unused)
+            pending = unused + pending
             decoder = None
             yield offset, data, True
         else:
-            pending = b""
             offset += len(fed)
             if data:
                 yield offset, data, False

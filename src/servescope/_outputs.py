@@ -37,6 +37,8 @@ __all__ = ["FRAME_LINES", "FRAME_SECONDS", "FrameWriter", "LineWriter", "scan_re
 EXCERPT = 200
 FRAME_LINES = 1000
 FRAME_SECONDS = 5.0
+#: A member's ids held until it is known whole, at most (a job's own hold 1,000).
+MEMBER_KEYS = 100_000
 _scan = make_scanner(cast(Any, json.JSONDecoder()))  # typeshed: "context" is a ducktype
 
 
@@ -210,6 +212,7 @@ def _scan_frames(
     number = 1
     rest = b""
     keys: list[bytes] = []  # the member's so far: handed on once it is whole
+    handed = False  # some of the member's keys handed on before its end (a huge member)
     size = path.stat().st_size
     try:
         for offset, data, last in frames(file, path, kind):
@@ -223,6 +226,9 @@ def _scan_frames(
                 else:
                     keys += found
                 number += block.count(b"\n")
+                if len(keys) >= MEMBER_KEYS:  # not a member of ours: memory before all
+                    done(keys)
+                    keys, handed = [], True
             if last:
                 if rest:
                     raise ConfigError(
@@ -230,8 +236,13 @@ def _scan_frames(
                         "middle of a line: not a results file of servescope generate"
                     )
                 done(keys)
-                keys = []
+                keys, handed = [], False
                 good = offset
     except Truncated as torn:
+        if handed:
+            raise ConfigError(
+                f"{path} ends with a member cut short that holds more than {MEMBER_KEYS} "
+                "results: not one servescope generate wrote, and too big to cut off safely"
+            ) from None
         return torn.start, size
     return good, size

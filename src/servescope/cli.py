@@ -476,7 +476,8 @@ async def _generate(
             console.print(
                 f"servescope generate: nothing left to do in {str(job.input)!r}{of} (0 left "
                 f"of {counts.total} lines: {counts.skipped} done, {counts.malformed} "
-                "malformed); no server started"
+                f"malformed; read and planned in {prepared.seconds:.1f} s); no server started",
+                soft_wrap=True,
             )
             from ._generate import NoServer  # (cli.py's imports are shared)
 
