@@ -616,3 +616,35 @@ def test_ctrl_c_while_a_big_job_is_planned_exits_130_without_a_traceback(tmp_pat
     assert job.returncode == 130, err
     assert "Traceback" not in err
     assert "interrupted; rerun the same command to resume" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "no node roles for a multi-node server"),
+        ({"NNODES": "2", "NODE_RANK": "1"}, "incomplete node roles from torchrun"),
+        ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "needs a token shared"),
+        (
+            {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h", "SLURM_NNODES": "3",
+             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[1-3]"},
+            "the node roles disagree",
+        ),
+    ],
+)  # fmt: skip
+def test_nodes_without_usable_roles_is_a_clear_error(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """``--nodes`` reads the roles from the environment: missing, incomplete or
+    disagreeing ones (or no token) stop serve and generate at once, exit 2, no traceback."""
+    prompts = tmp_path / "in.jsonl"
+    write_prompts(prompts, 1)
+    clean = {name: "" for name in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    clean |= {"SLURM_NNODES": "", "SLURM_NODEID": "", "SLURM_JOB_NODELIST": ""}
+    clean |= {"DATATROVE_NODE_RANK": "", "DATATROVE_NODE_IPS": "", "SERVESCOPE_NODE_TOKEN": ""}
+    flags = ["--backend", "vllm", "--model", "m", "--nodes"]
+    for command in (["serve"], ["generate", str(prompts), "-o", str(tmp_path / "o")]):
+        done = run(*command, *flags, env={**clean, **env}, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr.replace("\n", " ")
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
