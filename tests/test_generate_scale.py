@@ -22,7 +22,7 @@ import pytest
 import zstandard
 from rich.console import Console
 
-from servescope import ConfigError, DummyConfig, _generate, cli, open_server
+from servescope import ConfigError, DummyConfig, _generate, _outputs, cli, open_server
 from servescope._generate import Counts, IdSet, Job, prepare, resume, run_job
 from servescope._inputs import Fields
 from servescope._loadconfig import load_pool_config
@@ -515,3 +515,41 @@ def test_the_plan_of_a_resumed_job_keeps_every_state(tmp_path: Path) -> None:
         assert prepared.skipped == done + 100 and prepared.malformed == 1 + 198
         sent = [n for n in range(1, 1001) if prepared.to_send(n)]
         assert all(json.loads(lines[n - 1])["id"] % 3 for n in sent)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_huge_member_is_read_as_it_comes(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member far bigger than a job's own (a file compressed whole): its ids are handed
+    on as read; whole, it resumes; cut short, it cannot be cut off safely: refused."""
+    monkeypatch.setattr(_outputs, "MEMBER_KEYS", 100)
+    output = tmp_path / f"out.jsonl{SUFFIX[kind]}"
+    member = compress(b"".join(b'{"id": %d, "text": "t"}\n' % i for i in range(20_000)), kind)
+    output.write_bytes(member)
+    assert len(resume(output)) == 20_000
+    output.write_bytes(member[: len(member) - 8])
+    with pytest.raises(ConfigError, match="too big to cut off safely"):
+        resume(output)
+
+
+@pytest.mark.anyio
+async def test_shard_errors_files_and_parquet_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parquet: tuple[Any, Any]
+) -> None:
+    pa, pq = parquet
+    source = tmp_path / "in.parquet"
+    rows = [f"q{i}" if i % 10 else None for i in range(60)]  # every tenth: no prompt
+    pq.write_table(pa.table({"id": list(range(60)), "prompt": rows}), source)
+    output, errors = tmp_path / "out.jsonl", tmp_path / "bad.jsonl"
+    for index in range(2):
+        argv = [str(source), "-o", str(output), "--errors", str(errors), "--shard", f"{index}/2"]
+        assert (await generate(*argv))[0] == 0
+    reported = [  # a row with no id to go by: reported by shard (row - 1) mod 2
+        json.loads(line)["line"]
+        for line in (tmp_path / "bad.shard-0-of-2.jsonl").read_text().splitlines()
+    ]
+    assert reported == list(range(1, 61, 10))
+    assert not (tmp_path / "bad.shard-1-of-2.jsonl").exists()
+    code, shown = command(capsys, "merge", str(source), "-o", str(output))
+    assert code == 0 and "54 results (6 malformed input lines)" in shown

@@ -9,7 +9,8 @@ holding an id lands in the same shard, so a repeated id is caught as a duplicate
 as in an unsharded job, and no two shards ever send the same id. Line numbers would
 send a repeated id once per shard it fell in. The cost: each shard reads every line to
 find its ids (at resume speed, ~300,000 lines a second). A line that is not a valid
-prompt and has no id to go by is reported by shard ``(line - 1) mod N``.
+prompt is reported by one shard: the one its id picks if the id can be read from the
+line's start (``_scan``), else shard ``(line - 1) mod N`` (a Parquet row: always so).
 
 Each shard writes its own results file, the output's name with ``.shard-K-of-N``
 before its extensions (``out.jsonl.zst`` → ``out.shard-3-of-8.jsonl.zst``), resumable
