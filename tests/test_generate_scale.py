@@ -553,3 +553,53 @@ async def test_shard_errors_files_and_parquet_shards(
     assert not (tmp_path / "bad.shard-1-of-2.jsonl").exists()
     code, shown = command(capsys, "merge", str(source), "-o", str(output))
     assert code == 0 and "54 results (6 malformed input lines)" in shown
+
+
+@pytest.mark.anyio
+async def test_shard_auto_from_a_slurm_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write(tmp_path / "in.jsonl", prompts(50))
+    output = tmp_path / "out.jsonl"
+    for task in (4, 5):  # --array=4-5
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        assert (await generate(str(source), "-o", str(output), "--shard", "auto"))[0] == 0
+    code, shown = command(capsys, "merge", str(source), "-o", str(output))
+    assert code == 0 and "2 shards cover" in shown and "50 results" in shown
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    with pytest.raises(ConfigError, match="--shard auto needs SLURM_ARRAY_TASK_ID"):
+        await generate(str(source), "-o", str(output), "--shard", "auto")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+async def test_a_stopped_job_writes_its_gathered_chunk(tmp_path: Path, kind: str) -> None:
+    """Ctrl-C, SIGTERM, a crash: the results gathered for the next member are written."""
+    job = Job(
+        write(tmp_path / "in.jsonl", prompts(500)),
+        tmp_path / f"out.jsonl{SUFFIX[kind]}",
+        tmp_path / "out.errors",
+        concurrency=8,
+    )
+
+    class Stopper:
+        def __init__(self, scope: anyio.CancelScope) -> None:
+            self.scope = scope
+
+        def update(self, counts: Counts) -> None:
+            if counts.succeeded >= 123:
+                self.scope.cancel()
+
+        def close(self, counts: Counts) -> None:
+            pass
+
+    with anyio.fail_after(30), prepare(job) as prepared, anyio.CancelScope() as scope:
+        counts = prepared.counts()
+        async with open_server(DummyConfig()) as server:
+            await run_job(server, job, prepared, Stopper(scope), counts)
+    written = read_output(job.output)
+    assert len(written) == counts.succeeded >= 123 and len({r["id"] for r in written}) == len(
+        written
+    )
