@@ -1,5 +1,5 @@
 """Every check runs through nox: ``nox`` runs the default set (tests, fuzz, lint, typecheck,
-vllm).
+vllm, datatrove).
 
 ``nox -s bench`` runs the benchmarks; ``session.posargs`` pass through to the tool.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "fuzz", "lint", "typecheck", "vllm"]
+nox.options.sessions = ["tests", "fuzz", "lint", "typecheck", "vllm", "datatrove"]
 nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -60,6 +60,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_replicas.py")
     session.run("python", "benchmarks/bench_router.py")
     session.run("python", "benchmarks/bench_multinode.py")
+    session.install(".[datatrove]")  # datatrove's own runner beside the drop-in
+    session.run("python", "benchmarks/bench_datatrove.py")
 
 
 @nox.session
@@ -99,6 +101,17 @@ def vllm(session: nox.Session) -> None:
             "SERVESCOPE_TINY_MODELS": str(tiny_models(session)),
             "SERVESCOPE_REQUIRE_VLLM": "1",
         },
+    )
+
+
+@nox.session(python="3.11")
+def datatrove(session: nox.Session) -> None:
+    """The datatrove drop-in (servescope.integrations.datatrove) against datatrove 0.10:
+    the config mapping, real LocalPipelineExecutor pipelines, the failures datatrove's own
+    runner does not survive. Required here: a missing datatrove fails, never skips."""
+    session.install(".[datatrove]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run(
+        "pytest", "tests/datatrove", *session.posargs, env={"SERVESCOPE_REQUIRE_DATATROVE": "1"}
     )
 
 
