@@ -10,7 +10,7 @@ chunk an independent gzip member or zstd frame** of whole lines, appended with o
 ``write``: every ``FRAME_LINES`` results, when ``FRAME_SECONDS`` have passed since the
 chunk's first result (checked as results come), and when the job ends (Ctrl-C, SIGTERM
 and a crashed server included). Both formats read a series of members as one stream
-(``zcat``, ``zstdcat``, Python's ``gzip``, any Parquet-free tool). A kill loses the
+(``zcat``, ``zstdcat``, Python's ``gzip``). A kill loses the
 chunk being gathered (those requests are sent again: still exactly once on disk) and
 leaves at most one member cut short at the end; resuming decompresses member by member
 and cuts the file back to the end of the last whole one. The other way, mending a torn

@@ -35,17 +35,17 @@ import re
 
 __all__ = ["InputShape", "input_keys", "line_key", "output_keys"]
 
-STRING = rb'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+STRING = rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
 NUMBER = rb"-?(?:0|[1-9][0-9]{0,99})(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 SCALAR = rb"(?:" + STRING + rb"|" + NUMBER + rb"|true|false|null)"
-KEY = rb'"[^"\\\x00-\x1f]*+"'
+KEY = rb'"[^"\\\x00-\x1f]*"'
 #: An id as read from the start of a line: an integer that is its own canonical text, a
 #: string with no escape (its bytes are its UTF-8).
-ID = rb'(0|-?[1-9][0-9]{0,17}|"[^"\\\x00-\x1f]*+")'
+ID = rb'(0|-?[1-9][0-9]{0,17}|"[^"\\\x00-\x1f]*")'
 COMMA, COLON = rb", ?", rb": ?"
 MEMBER = KEY + COLON + SCALAR
-OBJECT = rb"\{(?:" + MEMBER + rb"(?:" + COMMA + MEMBER + rb")*+)?\}"
-MESSAGES = rb"\[(?:" + OBJECT + rb"(?:" + COMMA + OBJECT + rb")*+)?\]"
+OBJECT = rb"\{(?:" + MEMBER + rb"(?:" + COMMA + MEMBER + rb")*)?\}"
+MESSAGES = rb"\[(?:" + OBJECT + rb"(?:" + COMMA + OBJECT + rb")*)?\]"
 
 _OUTPUT = re.compile(
     rb'(?m)^\{"id": ' + ID + rb'(?:\}|, "(?:text|error|id_from_line_number)": [^\n]*\})\n'
@@ -121,9 +121,9 @@ class InputShape:
         other = rb"(?!(?:" + b"|".join(quoted) + rb"))" + MEMBER
         body = (
             rb'\{(?:"id"' + COLON + ID + COMMA + rb")?"
-            rb"(?:" + other + COMMA + rb")*+"
+            rb"(?:" + other + COMMA + rb")*"
             rb"(?:" + quoted[1] + COLON + STRING + rb"|" + quoted[2] + COLON + MESSAGES + rb")"
-            rb"(?:" + COMMA + other + rb")*+\}\r?"
+            rb"(?:" + COMMA + other + rb")*\}\r?"
         )
         self._line = re.compile(body)
 
