@@ -397,6 +397,7 @@ async def test_shards_cover_the_input_once_and_merge(
     # A rerun of a shard is a finished job; the merge is the same again.
     code, shown = await generate(str(source), "-o", str(output), "--shard", "1/3")
     assert code == 0 and "no server started" in shown and "(shard 1/3)" in shown
+    assert "│ shard │ 1/3 │" in shown and " of 321 │" in shown  # the summary
     assert command(capsys, "merge", str(source), "-o", str(output), "--shards", "3")[0] == 0
 
 

@@ -67,7 +67,7 @@ from ._poolconfig import POOL_KEYS, PoolConfig
 from ._redact import Redactor, looks_secret
 from ._register import keep_registered
 from ._server import Server, WorkerNode, open_server
-from ._shards import parse_shard, shard_path
+from ._shards import Shard, parse_shard, shard_path
 from .backends._base import EngineConfig
 from .backends.endpoint import url_problem
 
@@ -370,12 +370,15 @@ def _progress_line(counts: Counts) -> str:
     )
 
 
-def _summary(console: Console, counts: Counts, server: Server | Pool) -> None:
+def _summary(
+    console: Console, counts: Counts, server: Server | Pool, shard: Shard | None = None
+) -> None:
     table = Table(title="servescope generate", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
     rows: list[tuple[str, object]] = [
-        ("input lines", counts.total),
+        ("input lines", counts.total if shard is None else f"{counts.total} of {counts.lines}"),
+        *([("shard", str(shard))] if shard is not None else []),
         ("written ok", counts.succeeded),
         ("written with an error", counts.failed),
         ("malformed (errors file)", counts.malformed),
@@ -482,7 +485,7 @@ async def _generate(
             from ._generate import NoServer  # (cli.py's imports are shared)
 
             idle: Any = NoServer()  # the summary's latency rows: "-"
-            _summary(console, counts, idle)
+            _summary(console, counts, idle, job.shard)
             return 0
         progress = _progress(args, console)
         server: Server | Pool | None = None
@@ -497,7 +500,7 @@ async def _generate(
         finally:
             progress.close(counts)
             if server is not None:
-                _summary(console, counts, server)
+                _summary(console, counts, server, job.shard)
     if caught:
         name = signal.Signals(caught[0]).name
         console.print(f"stopped by {name}; rerun the same command to resume", style="yellow")
