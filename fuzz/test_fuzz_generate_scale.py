@@ -1,6 +1,6 @@
 """``generate`` at scale under arbitrary input: ids read a block at a time agree with the
-full parser, compressed files never escape as anything but ``ConfigError``, shard specs
-parse or are refused."""
+full parser; compressed files, Parquet files and shard files never escape as anything
+but ``ConfigError``; shard specs parse or are refused."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
 from servescope import ConfigError
 from servescope._generate import _check, _record, resume
-from servescope._inputs import blocks
+from servescope._inputs import Fields, blocks, count_lines, parquet_rows
+from servescope._merge import merge
 from servescope._outputs import _line, raw_key, scan_results
 from servescope._scan import InputShape, input_keys, line_key, output_keys
 from servescope._shards import parse_shard
@@ -182,3 +184,51 @@ def test_shard_specs(text: str, environ: dict[str, str]) -> None:
         except ConfigError:
             continue
         assert 0 <= shard.index < shard.count
+
+
+def _parquet_bytes() -> bytes:
+    pyarrow = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    sink = pyarrow.BufferOutputStream()
+    table = pyarrow.table({"id": list(range(50)), "prompt": [f"p{i}" for i in range(50)]})
+    parquet.write_table(table, sink, row_group_size=10)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+@given(st.data())
+def test_parquet_files_cut_or_damaged(tmp_path_factory: Any, data: st.DataObject) -> None:
+    """A Parquet file cut short or with bytes changed: its rows, or ``ConfigError``."""
+    whole = _parquet_bytes()
+    cut = data.draw(st.integers(0, len(whole)))
+    damaged = bytearray(whole[:cut])
+    for _ in range(data.draw(st.integers(0, 3))):
+        if damaged:
+            at = data.draw(st.integers(0, len(damaged) - 1))
+            damaged[at] = data.draw(st.integers(0, 255))
+    path = Path(tmp_path_factory.mktemp("pq")) / "in.parquet"
+    path.write_bytes(bytes(damaged))
+    try:
+        count_lines(path)
+        for _number, row in parquet_rows(path, Fields()):
+            assert isinstance(row, dict)
+    except ConfigError:
+        pass
+
+
+@given(st.lists(st.binary(max_size=80), min_size=2, max_size=2), st.binary(max_size=200))
+def test_merge_on_any_shard_files(
+    tmp_path_factory: Any, shards: list[bytes], prompts: bytes
+) -> None:
+    """Shard files and input of any bytes: a merge, or ``ConfigError`` (nothing written)."""
+    directory = Path(tmp_path_factory.mktemp("merge"))
+    source = directory / "in.jsonl"
+    source.write_bytes(prompts)
+    output = directory / "out.jsonl"
+    for index, content in enumerate(shards):
+        (directory / f"out.shard-{index}-of-2.jsonl").write_bytes(content)
+    try:
+        merge(source, output, 2)
+    except ConfigError:
+        assert not output.exists()
+        return
+    assert output.read_bytes() == b"".join(shards)

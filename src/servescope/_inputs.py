@@ -218,7 +218,7 @@ def _parquet_file(path: Path) -> Any:
     pyarrow = _pyarrow()
     try:
         return pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as exc:
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not a Parquet file pyarrow can read: {exc}") from None
 
 
@@ -241,5 +241,5 @@ def parquet_rows(path: Path, fields: Fields) -> Iterator[tuple[int, dict[str, An
             for row in batch.to_pylist():
                 yield number, row
                 number += 1
-    except (pyarrow.ArrowException, OSError) as exc:
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:  # ValueError: bad UTF-8
         raise ConfigError(f"{path}: cannot read row {number} of this Parquet file: {exc}") from None
