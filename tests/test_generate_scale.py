@@ -12,7 +12,9 @@ import fcntl
 import gzip
 import io
 import json
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -604,3 +606,34 @@ async def test_a_stopped_job_writes_its_gathered_chunk(tmp_path: Path, kind: str
     assert len(written) == counts.succeeded >= 123 and len({r["id"] for r in written}) == len(
         written
     )
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_sigkilled_jobs_with_a_compressed_output_write_every_id_once(
+    tmp_path: Path, kind: str
+) -> None:
+    """The console script SIGKILLed three times mid-job (its dummy in-process), then run
+    to the end: every id exactly once in a valid compressed file."""
+    source = write(tmp_path / "in.jsonl.gz", prompts(3000), "gzip")
+    output = tmp_path / f"out.jsonl{SUFFIX[kind]}"
+    script = Path(sys.executable).with_name("servescope")
+    command = [str(script), "generate", str(source), "-o", str(output), "--concurrency", "16"]
+    command += ["--progress", "none", "--set", "latency=0.002"]
+    sizes = []
+    for _ in range(3):
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start = output.stat().st_size if output.exists() else 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            not output.exists() or output.stat().st_size <= start
+        ):
+            time.sleep(0.01)  # a member written: the job is under way
+        time.sleep(0.05)
+        job.kill()
+        job.communicate(timeout=30)
+        sizes.append(output.stat().st_size)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    ids = Counter(r["id"] for r in read_output(output))
+    assert sorted(ids.elements()) == list(range(3000))
+    assert 0 < sizes[0] < output.stat().st_size  # killed with work left
