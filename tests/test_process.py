@@ -20,6 +20,7 @@ import servescope
 from servescope import ServerCrashed, ServerStartError, _supervisor, open_server
 from servescope._ports import pick_port as real_pick
 from servescope._serverlog import log_file_name
+from servescope._supervisor import CRASH_GRACE
 
 from .conftest import dummy_process
 
@@ -333,7 +334,7 @@ async def test_ready_line_before_the_socket_listens() -> None:
 
 async def test_crashed_server_is_torn_down_with_a_short_grace(tmp_path: Path) -> None:
     """After a crash nothing is left to finish: a SIGTERM-ignoring child is SIGKILLed after
-    ``CRASH_GRACE`` (1 s), not after ``shutdown_grace`` (here 8 s), and the error comes then."""
+    ``CRASH_GRACE`` (0.5 s), not after ``shutdown_grace`` (here 8 s), and the error comes then."""
     pid_file = tmp_path / "pids.json"
     config = dummy_process(
         "--exit-after", "1.5", "--child", "ignore-sigterm", "--pid-file", str(pid_file),
@@ -345,7 +346,7 @@ async def test_crashed_server_is_torn_down_with_a_short_grace(tmp_path: Path) ->
             ready = anyio.current_time()
             await anyio.sleep(30)
     raised = anyio.current_time() - ready
-    assert raised < 1.5 + 0.25 + 1.0 + 1.5, f"{raised:.2f} s"  # exit, drain, grace, slack
+    assert raised < 1.5 + 0.25 + CRASH_GRACE + 1.5, f"{raised:.2f} s"  # exit, drain, grace, slack
     assert_all_gone(read_pids(pid_file))
 
 

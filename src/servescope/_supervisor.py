@@ -58,7 +58,7 @@ __all__ = ["ServerState", "Supervisor"]
 EXIT_DRAIN = 0.25
 #: SIGTERM-to-SIGKILL grace for the tree of a server that already failed (crashed, fatal
 #: line, not ready in time): it has nothing left to finish cleanly.
-CRASH_GRACE = 1.0
+CRASH_GRACE = 0.5
 #: How long after a fatal line its explanation (traceback, root cause) is still read.
 FATAL_SETTLE = 0.25
 #: After readiness, cause lines (``CUDA out of memory``) this long before a death line
