@@ -56,7 +56,7 @@ def bench(session: nox.Session) -> None:
     session.install("sglang-router")  # bench_router.py's other side (a Rust router)
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_pool.py")
-    session.run("python", "benchmarks/bench_generate.py")
+    session.run("python", "benchmarks/bench_generate.py", "--full")  # up to 10M prompts
     session.run("python", "benchmarks/bench_replicas.py")
     session.run("python", "benchmarks/bench_router.py")
     session.run("python", "benchmarks/bench_multinode.py")
