@@ -604,8 +604,14 @@ def test_serve_refuses_a_front_url_it_cannot_use_before_starting() -> None:
 def test_ctrl_c_while_a_big_job_is_planned_exits_130_without_a_traceback(tmp_path: Path) -> None:
     prompts = tmp_path / "big.jsonl"
     prompts.write_text("".join(f'{{"id": {i}, "prompt": "p"}}\n' for i in range(1_000_000)))
+    # SIGINT restored to its default first: a suite started in the background of a
+    # non-interactive shell (nohup ... &) hands SIG_IGN down, and an ignored SIGINT is
+    # rightly ignored by the job until it installs its own handler after the plan.
+    sigint_default = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    sigint_default += "os.execv(sys.argv[1], sys.argv[1:])"
+    command = [str(SCRIPT), "generate", str(prompts), "-o", str(tmp_path / "out.jsonl")]
     job = subprocess.Popen(
-        [str(SCRIPT), "generate", str(prompts), "-o", str(tmp_path / "out.jsonl")],
+        [sys.executable, "-c", sigint_default, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
