@@ -211,7 +211,7 @@ async def test_the_plan_finds_this_nodes_address_and_interface(
     plan = await plan_nodes(nodes)
     assert plan is not None and not plan.is_head
     assert plan.node_ip == "127.0.0.1" and plan.interface == "lo"
-    assert plan.liveness_port == 4001 and plan.token == "t"
+    assert plan.liveness_port == 3999 and plan.token == "t"
     assert plan.network_env() == {
         "VLLM_HOST_IP": "127.0.0.1",
         "GLOO_SOCKET_IFNAME": "lo",
@@ -221,7 +221,5 @@ async def test_the_plan_finds_this_nodes_address_and_interface(
     assert await plan_nodes(NodesConfig(nnodes=1, node_rank=0)) is None  # one node: no plan
     with pytest.raises(ConfigError, match="cannot resolve the head's address"):
         await plan_nodes(NodesConfig(nnodes=2, node_rank=1, master_addr="no-such-host.invalid"))
-    with pytest.raises(ConfigError, match="no liveness port above master_port 65535"):
-        await plan_nodes(
-            NodesConfig(nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=65535)
-        )
+    with pytest.raises(ConfigError, match="no liveness port below master_port 1"):
+        await plan_nodes(NodesConfig(nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=1))

@@ -107,9 +107,10 @@ async def plan_nodes(nodes: NodesConfig | None) -> NodePlan | None:
     node_ip = nodes.node_ip
     if not node_ip:
         node_ip = await anyio.to_thread.run_sync(_route_source, role)
-    liveness_port = nodes.liveness_port or role.master_port + 1
-    if liveness_port > 65535:
-        raise ConfigError(f"no liveness port above master_port {role.master_port}: set one")
+    # Below the engine's port: SGLang takes master_port + 1 and the next few itself.
+    liveness_port = nodes.liveness_port or role.master_port - 1
+    if liveness_port < 1:
+        raise ConfigError(f"no liveness port below master_port {role.master_port}: set one")
     interface = await anyio.to_thread.run_sync(_interface_of, node_ip)
     return NodePlan(role, nodes, node_ip, interface, token, liveness_port)
 

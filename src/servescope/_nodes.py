@@ -60,7 +60,8 @@ class NodesConfig(Settings):
         ray_port: the Ray head's GCS port.
         ray_args: more ``ray start`` flags for every node (``{"num-gpus": 8}``).
         liveness_port: the head's port for servescope's own liveness channel
-            (default: ``master_port + 1``).
+            (default: ``master_port - 1``: SGLang takes the ports just above its
+            dist-init port for its own channels between nodes).
         token: the job's shared secret authenticating the liveness channel (default: the
             ``SERVESCOPE_NODE_TOKEN`` environment variable; required one way or the other).
         heartbeat_interval: seconds between heartbeats on the liveness channel.

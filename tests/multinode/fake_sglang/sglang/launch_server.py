@@ -198,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             _log("Received sigquit from a child process. It usually means the child failed.")
             exit_now(1)
+    channels = None
+    if args.nnodes > 1 and args.node_rank == 0:
+        # As SGLang's PortArgs across nodes: its tokenizer's ZMQ socket on the port just
+        # above the dist-init one (and more above it), bound on the head.
+        channels = _bind_or_exit(host.strip("[]"), int(port) + 1, 1)
+        channels.listen()
     for prefix in prefixes:
         _log("Init torch distributed ends. mem usage=0.00 GB", prefix)
         _log("Load weight begin. avail mem=78.53 GB", prefix)
