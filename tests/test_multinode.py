@@ -233,3 +233,19 @@ async def test_a_pool_refuses_a_worker_rank_and_shared_ports() -> None:
     with pytest.raises(servescope.ConfigError, match="need one config each"):
         async with servescope.open_pool(head, replicas=2):
             pass
+
+
+async def test_a_pool_replica_whose_roles_make_it_a_worker_fails_saying_so(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Roles from the environment (not the config) that make a pool's replica a worker
+    node: the replica fails with the reason, and the pool with it."""
+    monkeypatch.setenv("SERVESCOPE_NODE_TOKEN", "t")
+    for name, value in {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    config = VLLMConfig(model="m", executable=(sys.executable, str(FAKE_VLLM)), nodes=NodesConfig())
+    with anyio.fail_after(30), pytest.raises(servescope.PoolFailed) as caught:
+        async with servescope.open_pool([config], max_restarts=0) as pool:
+            await pool.wait_ready()
+    assert "a pool runs the head (node 0) of a multi-node replica" in str(caught.value)
+    assert "node 1 of 2" in str(caught.value)

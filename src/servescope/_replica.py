@@ -226,6 +226,7 @@ class Replica:
             env=self.env,
         )
         server.on_change = self._server_changed
+        server.head_only = True
         self.server = server
         try:
             async with anyio.create_task_group() as tg:

@@ -37,7 +37,14 @@ from ._client import Wire
 from ._compile_lock import CompileLock
 from ._config import ServerConfig
 from ._dummy_app import DummyApp
-from ._errors import ServeError, ServerClosed, ServerCrashed, ServerError, ServerStartError
+from ._errors import (
+    ConfigError,
+    ServeError,
+    ServerClosed,
+    ServerCrashed,
+    ServerError,
+    ServerStartError,
+)
 from ._health import Demotion, HealthWatch
 from ._http import connect_problem, fetch_excerpt, probe_status
 from ._logscan import LineClassifier, LineEvent, LineKind, LineSplitter, PatternTable
@@ -113,6 +120,8 @@ class ServerState:
         #: start) and its part, once the supervisor runs it.
         self.nodes: NodePlan | None = None
         self.node_part: NodeCoordinator | None = None
+        #: A pool's replica: it must be a multi-node group's head, never a worker node.
+        self.head_only = False
 
     @classmethod
     def create(
@@ -370,6 +379,12 @@ class Supervisor:
             if isinstance(config, EngineConfig) and config.nodes is not None:
                 if self.state.nodes is None:
                     self.state.nodes = await plan_nodes(config.nodes)
+                plan = self.state.nodes
+                if plan is not None and self.state.head_only and not plan.is_head:
+                    raise ConfigError(
+                        f"a pool runs the head (node 0) of a multi-node replica, but this is "
+                        f"{plan.role.describe()}: run the other nodes with `servescope serve`"
+                    )
                 if self.state.nodes is not None:
                     part = self.state.node_part = NodeCoordinator(self.state.nodes, self)
                     task_status.started()  # the other nodes may take minutes to come
