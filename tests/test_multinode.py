@@ -39,10 +39,20 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def rendezvous_ports() -> tuple[int, int]:
+    """A master port and a liveness port clear of the ports an engine takes above the
+    master port (SGLang: the next few; ephemeral ports often come in a row)."""
+    for _ in range(100):
+        master, liveness = free_ports(2)
+        if not 0 <= liveness - master <= 16:
+            return master, liveness
+    raise AssertionError("no two free ports apart")
+
+
 def node_configs(
     backend: str = "vllm", head_env: dict[str, str] | None = None, **nodes: Any
 ) -> tuple[servescope.ServerConfig, servescope.ServerConfig]:
-    master, liveness = free_ports(2)
+    master, liveness = rendezvous_ports()
     configs: list[servescope.ServerConfig] = []
     for rank in (0, 1):
         settings = NodesConfig(
