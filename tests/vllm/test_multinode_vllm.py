@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ import psutil
 
 from ..multinode.conftest import netnodes as netnodes  # the fixture
 from ..multinode.netns import HEAD_IP, NetNodes
-from ..multinode.scenario import figure, head_url, kill_node, post, two_nodes, wait_empty
+from ..multinode.scenario import (
+    NodeRun,
+    figure,
+    head_url,
+    kill_node,
+    post,
+    two_nodes,
+    wait_empty,
+)
 from .conftest import VLLM_ENV
 
 VLLM_CLI = Path(__file__).parent.parent / "multinode" / "vllm_cli.py"
@@ -44,17 +53,20 @@ def config(model: Path) -> dict[str, Any]:
     }
 
 
+def mp_nodes(
+    netnodes: NetNodes, tmp_path: Path, tiny_models: Path
+) -> AbstractContextManager[tuple[NodeRun, NodeRun]]:
+    """Both nodes of vLLM's own multi-node mode up (tiny64, TP=2, a core each)."""
+    settings = config(tiny_models / "tiny64")
+    return two_nodes(
+        netnodes, settings, tmp_path, ready_within=300, node_env=CORE, name="vLLM mp: ready"
+    )
+
+
 def test_tp2_across_two_nodes_serves_and_a_dead_worker_fails_the_head(
     netnodes: NetNodes, tmp_path: Path, tiny_models: Path, no_vllm_left: float
 ) -> None:
-    with two_nodes(
-        netnodes,
-        config(tiny_models / "tiny64"),
-        tmp_path,
-        ready_within=300,
-        node_env=CORE,
-        name="vLLM mp: ready",
-    ) as (head, _):
+    with mp_nodes(netnodes, tmp_path, tiny_models) as (head, _):
         url = head_url(head)
         chat = post(
             netnodes.head,
@@ -76,14 +88,7 @@ def test_tp2_across_two_nodes_serves_and_a_dead_worker_fails_the_head(
 def test_the_heads_driver_killed_takes_the_headless_worker_down(
     netnodes: NetNodes, tmp_path: Path, tiny_models: Path, no_vllm_left: float
 ) -> None:
-    with two_nodes(
-        netnodes,
-        config(tiny_models / "tiny64"),
-        tmp_path,
-        ready_within=300,
-        node_env=CORE,
-        name="vLLM mp: ready",
-    ) as (head, worker):
+    with mp_nodes(netnodes, tmp_path, tiny_models) as (head, worker):
         os.kill(head.proc.pid, signal.SIGKILL)  # servescope on the head
         code, took = worker.wait_exit(60)
         assert code != 0 and "the head is lost" in worker.text()
