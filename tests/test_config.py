@@ -279,6 +279,25 @@ def test_keys_must_be_strings(key: Any) -> None:
         DummyConfig.build({"latency": 1, key: 2})
 
 
+@pytest.mark.parametrize("key", [0, None, ("a",), b"nnodes"])
+def test_nested_settings_keys_must_be_strings(key: Any) -> None:
+    """A nested settings model is built by keyword: a key that is not text is named in a
+    ConfigError (it was a bare TypeError, 'keywords must be strings', found by the fuzz)."""
+    import servescope
+    from servescope._nodes import NodesConfig
+
+    expected = r"^invalid VLLMConfig: nodes: .*keys must be strings, not "
+    with pytest.raises(ConfigError, match=expected):
+        VLLMConfig(model="m", nodes={key: None})
+    with pytest.raises(ConfigError, match=expected):
+        servescope.load_config({"backend": "vllm", "model": "m", "nodes": {"nnodes": 2, key: 1}})
+    with pytest.raises(ConfigError, match=expected):
+        VLLMConfig.model_validate({"model": "m", "nodes": {key: None}})
+    with pytest.raises(ConfigError, match=r"^invalid NodesConfig: keys must be strings"):
+        NodesConfig.model_validate({key: None})
+    assert VLLMConfig(model="m", nodes={"nnodes": 2}).nodes == NodesConfig(nnodes=2)
+
+
 @pytest.mark.parametrize("source", [3, ["a"], None])
 def test_load_config_needs_a_path_or_a_mapping(source: Any) -> None:
     import servescope

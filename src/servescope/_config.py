@@ -15,12 +15,13 @@ server process gets the real values.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import pydantic
 from pydantic import (
@@ -31,6 +32,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     Strict,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
@@ -106,16 +108,29 @@ class Settings(BaseModel):
         """Validate a mapping into this config, raising ``ConfigError`` on bad input."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"invalid {cls.__name__}: expected a mapping, not {excerpt(values)}")
-        for key in values:
-            if not isinstance(key, str):
-                raise ConfigError(
-                    f"invalid {cls.__name__}: keys must be strings, not {excerpt(key)}"
-                )
+        key = _text_keys_problem(values)
+        if key is not None:
+            raise ConfigError(f"invalid {cls.__name__}: {key}")
         return cls(**values)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _nested_by_keyword(cls, value: Any, info: ValidationInfo) -> Any:
+        """A nested settings model (``nodes``) is built by keyword, through its
+        ``__init__``: a mapping with a key that is not text is refused here, by name,
+        before Python's call would fail with a bare ``TypeError``."""
+        if isinstance(value, Mapping) and info.field_name in _nested_settings(cls):
+            problem = _text_keys_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @classmethod
     def model_validate(cls: type[_C], obj: Any, **options: Any) -> _C:
         """pydantic's entry point, raising ``ConfigError`` like the others."""
+        problem = _text_keys_problem(obj) if isinstance(obj, Mapping) else None
+        if problem is not None:
+            raise ConfigError(f"invalid {cls.__name__}: {problem}")
         try:
             return super().model_validate(obj, **options)
         except pydantic.ValidationError as exc:
@@ -136,6 +151,26 @@ class Settings(BaseModel):
             why = "nested too deeply" if isinstance(exc, RecursionError) else exc
             raise ConfigError(f"invalid {cls.__name__}: not valid JSON: {why}") from None
         return cls.model_validate(values, **options)
+
+
+def _text_keys_problem(values: Mapping[Any, Any]) -> str | None:
+    """Why ``values`` cannot be keyword arguments (a key that is not text), or ``None``."""
+    for key in values:
+        if not isinstance(key, str):
+            return f"keys must be strings, not {excerpt(key)}"
+    return None
+
+
+@functools.cache
+def _nested_settings(cls: type[Settings]) -> frozenset[str]:
+    """The names of ``cls``'s fields that hold a settings model (``nodes``)."""
+
+    def holds(annotation: Any) -> bool:
+        if isinstance(annotation, type) and issubclass(annotation, Settings):
+            return True
+        return any(holds(arg) for arg in get_args(annotation))
+
+    return frozenset(name for name, field in cls.model_fields.items() if holds(field.annotation))
 
 
 class ServerConfig(Settings):
