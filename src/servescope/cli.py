@@ -28,10 +28,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from ._config import ServerConfig
 from ._errors import ConfigError, ServeError, ServerError
 from ._front import open_front
 from ._frontconfig import FRONT_KEYS, FrontConfig
-from ._generate import Counts, Job, Progress, prepare, run_job
+from ._generate import Counts, Job, Prepared, Progress, prepare, run_job
 from ._inputs import Fields
 from ._loadconfig import BACKENDS, load_pool_config, read_config_file
 from ._multinode import plan_nodes
@@ -443,6 +444,38 @@ def _progress(args: argparse.Namespace, console: Console) -> Progress:
     return _Silent()
 
 
+class PlanStopped(BaseException):
+    """SIGINT or SIGTERM came while generate planned its run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _planned(job: Job) -> Iterator[Prepared]:
+    """``prepare(job)``, stopped at once by SIGINT or SIGTERM (``PlanStopped``): the plan
+    is synchronous (no await for a cancel to reach) and takes seconds at millions of lines.
+    The event loop's own handlers are back once it is done; an ignored signal stays
+    ignored (a job started with ``nohup``)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise PlanStopped(signum)
+
+    with ExitStack() as stack:
+        handlers: dict[int, Any] = {}
+        try:
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    if signal.getsignal(signum) is not signal.SIG_IGN:
+                        handlers[signum] = signal.signal(signum, stop)
+            prepared = stack.enter_context(prepare(job))
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        yield prepared
+
+
 async def _is_worker_node(config: ServerConfig) -> bool:
     if not isinstance(config, EngineConfig) or config.nodes is None:
         return False
@@ -472,7 +505,7 @@ async def _generate(
         except BaseExceptionGroup as group:
             raise _single(group) from None
         return 128 + caught[0] if caught else 0
-    with prepare(job) as prepared:  # checks, locks and plans before the server starts
+    with _planned(job) as prepared:  # checks, locks and plans before the server starts
         counts = prepared.counts()
         if prepared.left == 0:  # nothing to send: no server to start
             of = f" (shard {job.shard})" if job.shard is not None else ""
@@ -778,7 +811,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             redact = logs.redact = _redactor(values, config)
             run = _generate if args.command == "generate" else _serve
             code = anyio.run(run, args, config, pool, console, redact)
-    except KeyboardInterrupt:  # before the signal handling is set up (generate's plan)
+    except PlanStopped as stopped:
+        code = 128 + stopped.signum
+        name = signal.Signals(stopped.signum).name
+        message = f"servescope: stopped by {name} while planning the run; rerun the same "
+        _error(console, message + "command to resume")
+    except KeyboardInterrupt:  # before the signal handling is set up (interpreter start)
         code = 128 + signal.SIGINT
         _error(console, "servescope: interrupted; rerun the same command to resume")
     except (ServeError, OSError) as exc:
