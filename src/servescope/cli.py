@@ -471,8 +471,8 @@ def _planned(job: Job) -> Iterator[Prepared]:
                         handlers[signum] = signal.signal(signum, stop)
             prepared = stack.enter_context(prepare(job))
         finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
         yield prepared
 
 
