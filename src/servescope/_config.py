@@ -108,9 +108,9 @@ class Settings(BaseModel):
         """Validate a mapping into this config, raising ``ConfigError`` on bad input."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"invalid {cls.__name__}: expected a mapping, not {excerpt(values)}")
-        key = _text_keys_problem(values)
-        if key is not None:
-            raise ConfigError(f"invalid {cls.__name__}: {key}")
+        problem = _text_keys_problem(values)
+        if problem is not None:
+            raise ConfigError(f"invalid {cls.__name__}: {problem}")
         return cls(**values)
 
     @field_validator("*", mode="before")

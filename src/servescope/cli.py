@@ -444,7 +444,11 @@ def _progress(args: argparse.Namespace, console: Console) -> Progress:
     return _Silent()
 
 
-class PlanStopped(BaseException):
+#: What a stopped or interrupted generate tells its user.
+_RERUN = "rerun the same command to resume"
+
+
+class _PlanStopped(BaseException):
     """SIGINT or SIGTERM came while generate planned its run."""
 
     def __init__(self, signum: int) -> None:
@@ -454,13 +458,13 @@ class PlanStopped(BaseException):
 
 @contextmanager
 def _planned(job: Job) -> Iterator[Prepared]:
-    """``prepare(job)``, stopped at once by SIGINT or SIGTERM (``PlanStopped``): the plan
+    """``prepare(job)``, stopped at once by SIGINT or SIGTERM (``_PlanStopped``): the plan
     is synchronous (no await for a cancel to reach) and takes seconds at millions of lines.
     The event loop's own handlers are back once it is done; an ignored signal stays
     ignored (a job started with ``nohup``)."""
 
     def stop(signum: int, frame: object) -> None:
-        raise PlanStopped(signum)
+        raise _PlanStopped(signum)
 
     with ExitStack() as stack:
         handlers: dict[int, Any] = {}
@@ -536,7 +540,7 @@ async def _generate(
                 _summary(console, counts, server, job.shard)
     if caught:
         name = signal.Signals(caught[0]).name
-        console.print(f"stopped by {name}; rerun the same command to resume", style="yellow")
+        console.print(f"stopped by {name}; {_RERUN}", style="yellow")
         return 128 + caught[0]
     if counts.input_shrank:
         _error(
@@ -811,14 +815,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             redact = logs.redact = _redactor(values, config)
             run = _generate if args.command == "generate" else _serve
             code = anyio.run(run, args, config, pool, console, redact)
-    except PlanStopped as stopped:
+    except _PlanStopped as stopped:
         code = 128 + stopped.signum
         name = signal.Signals(stopped.signum).name
-        message = f"servescope: stopped by {name} while planning the run; rerun the same "
-        _error(console, message + "command to resume")
-    except KeyboardInterrupt:  # before the signal handling is set up (interpreter start)
+        _error(console, f"servescope: stopped by {name} while planning the run; {_RERUN}")
+    except KeyboardInterrupt:  # before the plan's or the run's own handlers are up
         code = 128 + signal.SIGINT
-        _error(console, "servescope: interrupted; rerun the same command to resume")
+        _error(console, f"servescope: interrupted; {_RERUN}")
     except (ServeError, OSError) as exc:
         # Bad usage, config or input files: 2; the server failed: 1.
         code = 2 if isinstance(exc, ConfigError | OSError) else 1
